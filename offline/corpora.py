@@ -1,0 +1,189 @@
+"""Corpora: EMO-DB, IEMOCAP (improvised, 4 classes) and any CSV manifest.
+
+A :class:`Corpus` is a list of :class:`Utterance` records plus label names.
+Loading audio goes through :func:`load_waves`, which reports and counts bad
+files and goes on: one bad file never aborts a corpus run.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from stream_ser.audio import AudioError, load_audio
+from stream_ser.config import EMODB_LABELS
+
+EMODB_CODES = {"W": "anger", "L": "boredom", "E": "disgust", "A": "fear",
+               "F": "happiness", "T": "sadness", "N": "neutral"}
+EMODB_NAME = re.compile(r"^(\d\d)([ab]\d\d)([WLEAFTN])([a-z])$")
+
+IEMOCAP_LABELS = ("angry", "happy", "neutral", "sad")
+IEMOCAP_CODES = {"ang": "angry", "hap": "happy", "neu": "neutral", "sad": "sad"}
+IEMOCAP_LINE = re.compile(r"^\[\s*[\d.]+\s*-\s*[\d.]+\s*\]\s+(\S+)\s+(\S+)\s+\[")
+
+
+class CorpusError(ValueError):
+    """A corpus folder or manifest that cannot be used (message says what and where)."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    path: Path
+    label: str
+    speaker: str
+    fold: str  # EMO-DB: the speaker; IEMOCAP: the session
+    uid: str
+
+
+@dataclass
+class Corpus:
+    name: str
+    labels: tuple[str, ...]
+    utterances: list[Utterance]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason) seen while listing
+
+    def label_index(self, label: str) -> int:
+        return self.labels.index(label)
+
+    @property
+    def speakers(self) -> list[str]:
+        return sorted({u.speaker for u in self.utterances})
+
+    @property
+    def folds(self) -> list[str]:
+        return sorted({u.fold for u in self.utterances})
+
+    def counts(self, key: Callable[[Utterance], str]) -> Counter:
+        return Counter(key(u) for u in self.utterances)
+
+    def subset(self, keep: Callable[[Utterance], bool]) -> "Corpus":
+        return Corpus(self.name, self.labels, [u for u in self.utterances if keep(u)], list(self.skipped))
+
+
+def load_emodb(root: str | Path) -> Corpus:
+    """EMO-DB from its file names (``03a01Fa.wav``: speaker 03, text a01, emotion F, version a).
+
+    ``root`` is the corpus folder or its ``wav/`` subfolder.
+    """
+    root = Path(root)
+    folder = root / "wav" if (root / "wav").is_dir() else root
+    if not folder.is_dir():
+        raise CorpusError(f"EMO-DB folder not found: {root} (expected a folder of files like 03a01Fa.wav)")
+    utts, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() != ".wav":
+            continue
+        m = EMODB_NAME.match(p.stem)
+        if not m:
+            skipped.append((str(p), "file name is not an EMO-DB name (e.g. 03a01Fa.wav)"))
+            continue
+        spk, text, code, version = m.groups()
+        utts.append(Utterance(p, EMODB_CODES[code], spk, spk, p.stem))
+    if not utts:
+        raise CorpusError(f"no EMO-DB wav files in {folder}")
+    return Corpus("emodb", EMODB_LABELS, utts, skipped)
+
+
+def load_iemocap(root: str | Path, include_excited: bool = False) -> Corpus:
+    """IEMOCAP improvised dialogues, 4 classes, the session as the fold.
+
+    Standard release layout: ``Session{1..5}/dialog/EmoEvaluation/*.txt`` for the
+    labels and ``Session{n}/sentences/wav/<dialog>/<utterance>.wav`` for the audio.
+    The speaker is the session and the utterance's gender (``Ses01F``).
+    ``include_excited`` merges ``exc`` into happy (a common variant; off as in the paper).
+    """
+    root = Path(root)
+    sessions = sorted(p for p in root.glob("Session[1-5]") if p.is_dir())
+    if not sessions:
+        raise CorpusError(f"IEMOCAP folder not found or not in the release layout: {root} (expected Session1..Session5)")
+    codes = dict(IEMOCAP_CODES)
+    if include_excited:
+        codes["exc"] = "happy"
+    utts, skipped = [], []
+    for sess in sessions:
+        session_id = "Ses%02d" % int(sess.name[-1])
+        for txt in sorted((sess / "dialog" / "EmoEvaluation").glob("*.txt")):
+            if "impro" not in txt.stem:
+                continue
+            for line in txt.read_text(errors="replace").splitlines():
+                m = IEMOCAP_LINE.match(line)
+                if not m:
+                    continue
+                uid, code = m.groups()
+                if code not in codes:
+                    continue
+                dialog = uid.rsplit("_", 1)[0]
+                wav = sess / "sentences" / "wav" / dialog / f"{uid}.wav"
+                if not wav.exists():
+                    skipped.append((str(wav), "listed in EmoEvaluation but the wav is missing"))
+                    continue
+                gender = uid.rsplit("_", 1)[1][0]
+                utts.append(Utterance(wav, codes[code], session_id + gender, session_id, uid))
+    if not utts:
+        raise CorpusError(f"no improvised IEMOCAP utterances with labels {sorted(codes)} under {root}")
+    return Corpus("iemocap", IEMOCAP_LABELS, utts, skipped)
+
+
+def load_manifest(csv_path: str | Path, labels: Iterable[str] | None = None) -> Corpus:
+    """A CSV with columns ``path,label,speaker[,fold]`` (header required).
+
+    Relative paths are relative to the CSV's folder; ``fold`` defaults to the
+    speaker. Label order is ``labels`` if given, else sorted.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise CorpusError(f"manifest not found: {csv_path}")
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"path", "label", "speaker"}
+        if reader.fieldnames is None or not need <= set(reader.fieldnames):
+            raise CorpusError(f"{csv_path}: header must have columns path,label,speaker[,fold]; got {reader.fieldnames}")
+        utts = []
+        for i, row in enumerate(reader, start=2):
+            p = Path(row["path"])
+            if not p.is_absolute():
+                p = csv_path.parent / p
+            if not row["label"] or not row["speaker"]:
+                raise CorpusError(f"{csv_path}:{i}: empty label or speaker")
+            utts.append(Utterance(p, row["label"], row["speaker"], row.get("fold") or row["speaker"], p.stem))
+    if not utts:
+        raise CorpusError(f"{csv_path}: no rows")
+    found = sorted({u.label for u in utts})
+    order = tuple(labels) if labels else tuple(found)
+    missing = set(found) - set(order)
+    if missing:
+        raise CorpusError(f"{csv_path}: labels {sorted(missing)} not in the given label list")
+    return Corpus(csv_path.stem, order, utts)
+
+
+def load_corpus(name: str, data: str | Path) -> Corpus:
+    """By name: ``emodb``, ``iemocap``, or ``csv`` (``data`` is the manifest)."""
+    if name == "emodb":
+        return load_emodb(data)
+    if name == "iemocap":
+        return load_iemocap(data)
+    if name == "csv":
+        return load_manifest(data)
+    raise CorpusError(f"unknown corpus {name!r} (emodb, iemocap, csv)")
+
+
+def load_waves(utterances: Iterable[Utterance], on_error: Callable[[AudioError], None] | None = None,
+               progress: Callable[[], None] | None = None) -> tuple[dict[str, torch.Tensor], list[AudioError]]:
+    """Read every utterance's audio (16 kHz mono). Bad files are collected, reported, skipped."""
+    waves, bad = {}, []
+    for u in utterances:
+        try:
+            waves[u.uid] = load_audio(u.path)
+        except AudioError as e:
+            bad.append(e)
+            if on_error:
+                on_error(e)
+        if progress:
+            progress()
+    return waves, bad

@@ -1,0 +1,76 @@
+"""Reading audio files and checking sample blocks: 16 kHz mono float32 out, one error type in.
+
+Files are read with ``soundfile`` (WAV, FLAC, and what libsndfile reads), any
+integer or float format; multi-channel audio is mixed to mono; other sample
+rates are resampled with ``torchaudio.functional.resample``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+TARGET_RATE_HZ = 16_000
+
+
+class AudioError(ValueError):
+    """A file or block of samples that cannot be used; the message names the file and the cause."""
+
+    def __init__(self, source: str | Path, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+def check_samples(x: np.ndarray, source: str = "samples") -> np.ndarray:
+    """Return ``x`` as a float32 mono 1-D array, or raise :class:`AudioError` for NaN/inf or bad shapes."""
+    x = np.asarray(x)
+    if x.ndim == 2:
+        x = x.mean(axis=1)
+    if x.ndim != 1:
+        raise AudioError(source, f"expected mono samples [N] or [N, channels], got shape {x.shape}")
+    if x.dtype.kind in "iu":
+        info = np.iinfo(x.dtype)
+        x = x.astype(np.float32) / float(max(abs(info.min), info.max))
+    elif x.dtype.kind != "f":
+        raise AudioError(source, f"samples must be numbers, got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if x.size and not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        raise AudioError(source, f"{bad} of {x.size} samples are NaN or infinite")
+    return x
+
+
+def resample(x: np.ndarray | torch.Tensor, orig_hz: int, new_hz: int = TARGET_RATE_HZ) -> torch.Tensor:
+    """Band-limited (sinc) resampling of a whole signal [N] -> [N * new/orig]."""
+    t = torch.as_tensor(x, dtype=torch.float32)
+    if orig_hz == new_hz:
+        return t
+    g = math.gcd(int(orig_hz), int(new_hz))
+    return AF.resample(t, orig_hz // g, new_hz // g)
+
+
+def load_audio(path: str | Path, sample_rate: int = TARGET_RATE_HZ) -> torch.Tensor:
+    """Read an audio file as float32 mono [N] at ``sample_rate``.
+
+    Raises :class:`AudioError` (naming the file) for a missing, empty, truncated
+    or non-audio file, and for NaN or infinite samples.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise AudioError(path, f"not a readable audio file ({e})") from None
+    if data.shape[0] == 0:
+        raise AudioError(path, "no samples (zero-length audio)")
+    x = check_samples(data, str(path))
+    return resample(x, int(rate), sample_rate)

@@ -1,0 +1,187 @@
+"""Frozen configuration dataclasses, saved inside every checkpoint and rebuilt from it.
+
+The defaults are the paper's (Zhang et al. 2021, sections 2.2 and 3.2); see
+``../shared/DESIGN.md``. Derived sizes (samples per frame, per segment, per
+utterance) are properties so that they can never disagree with the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+# --- constants (the paper's values) -------------------------------------------
+SAMPLE_RATE_HZ = 16_000
+PREEMPHASIS = 0.97
+WIN_MS = 25.0  # Hamming window
+HOP_MS = 10.0
+N_FFT = 512
+N_MELS = 64
+F_MIN_HZ = 20.0
+F_MAX_HZ = 8_000.0
+LOG_FLOOR = 1e-10  # power floor before the natural log: log(1e-10) = -23.03
+DELTA_N = 2  # regression half-width, eq. (2): window of 2N+1 = 5 frames
+SEGMENT_FRAMES = 64  # 64 frames = 63 * 10 ms + 25 ms = 655 ms
+SEGMENT_SHIFT_FRAMES = 32  # 320 ms
+IMAGE_SIZE = 227  # AlexNet input
+UTTERANCE_S = 3.0  # truncate longer, zero-pad shorter -> 8 segments
+
+NORMALIZATIONS = ("segment", "corpus", "utterance", "none")
+EMODB_LABELS = ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral")
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Everything that decides what a segment image looks like.
+
+    ``normalization`` (see ``stream_ser.features.Frontend.normalize``):
+
+    - ``"segment"`` (default): each channel of each 64x64 segment is standardised
+      to zero mean and unit variance over the segment. A segment then depends on
+      its own 655 ms only (DESIGN.md invariant 2), and the microphone gain drops
+      out, which matters for live use.
+    - ``"corpus"``: per channel and Mel bin, mean and std of the training
+      segments, stored in the checkpoint. Keeps loudness; depends on the gain.
+    - ``"utterance"``: the paper's per-utterance waveform standardisation. Needs
+      the whole utterance, so it is an offline-only ablation; the live recognizer
+      refuses a model trained with it.
+    - ``"none"``: raw log-Mel, delta, delta-delta.
+    """
+
+    sample_rate: int = SAMPLE_RATE_HZ
+    preemphasis: float = PREEMPHASIS
+    win_length: int = 400  # samples, 25 ms
+    hop_length: int = 160  # samples, 10 ms
+    n_fft: int = N_FFT
+    n_mels: int = N_MELS
+    f_min: float = F_MIN_HZ
+    f_max: float = F_MAX_HZ
+    mel_scale: str = "slaney"  # librosa's default Mel scale (htk=False)
+    mel_norm: str | None = "slaney"  # librosa's default area normalisation
+    log_floor: float = LOG_FLOOR
+    delta_n: int = DELTA_N
+    channels: int = 3  # 1: static, 2: + delta, 3: + delta-delta
+    segment_frames: int = SEGMENT_FRAMES
+    segment_shift: int = SEGMENT_SHIFT_FRAMES
+    image_size: int = IMAGE_SIZE
+    utterance_s: float = UTTERANCE_S
+    normalization: str = "segment"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.channels not in (1, 2, 3):
+            raise ValueError(f"channels must be 1, 2 or 3, got {self.channels}")
+        if self.win_length > self.n_fft:
+            raise ValueError("win_length must not exceed n_fft")
+        if not 1 <= self.segment_shift <= self.segment_frames:
+            raise ValueError("segment_shift must be in 1..segment_frames")
+
+    # --- derived sizes ---------------------------------------------------------
+    @property
+    def segment_samples(self) -> int:
+        """Samples one segment spans: (frames - 1) * hop + window (10 480 = 655 ms)."""
+        return (self.segment_frames - 1) * self.hop_length + self.win_length
+
+    @property
+    def shift_samples(self) -> int:
+        """Samples between the starts of consecutive segments (5 120 = 320 ms)."""
+        return self.segment_shift * self.hop_length
+
+    @property
+    def utterance_samples(self) -> int:
+        return int(round(self.utterance_s * self.sample_rate))
+
+    @property
+    def utterance_frames(self) -> int:
+        return self.frames_for(self.utterance_samples)
+
+    @property
+    def segments_per_utterance(self) -> int:
+        """Segments in one utterance window (8 for the paper's 3 s)."""
+        return self.segments_for_frames(self.utterance_frames)
+
+    @property
+    def hop_s(self) -> float:
+        return self.shift_samples / self.sample_rate
+
+    def frames_for(self, n_samples: int) -> int:
+        """STFT frames (no centring) in ``n_samples`` samples."""
+        if n_samples < self.win_length:
+            return 0
+        return 1 + (n_samples - self.win_length) // self.hop_length
+
+    def segments_for_frames(self, n_frames: int) -> int:
+        if n_frames < self.segment_frames:
+            return 0
+        return 1 + (n_frames - self.segment_frames) // self.segment_shift
+
+    def log_mel_key(self) -> str:
+        """Short hash of the fields that decide the log-Mel frames (feature cache key)."""
+        keys = ("sample_rate", "preemphasis", "win_length", "hop_length", "n_fft", "n_mels",
+                "f_min", "f_max", "mel_scale", "mel_norm", "log_floor", "utterance_s")
+        blob = json.dumps({k: getattr(self, k) for k in keys} | {"utt_norm": self.normalization == "utterance"},
+                          sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FrontendConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: AlexNet segment embedder + BLSTM-attention head (or the baseline).
+
+    ``arch``: ``"dcnn_blstmwa"`` (the paper's model) or ``"cnn_lstm"`` (the paper's
+    2-CNN-LSTM baseline, Table 5).
+    """
+
+    labels: tuple[str, ...] = EMODB_LABELS
+    arch: str = "dcnn_blstmwa"
+    embed_dim: int = 4096  # AlexNet FC7
+    lstm_hidden: int = 128  # per direction
+    attention: bool = True  # False: mean of the BLSTM outputs (Table 3 ablation)
+    dnn: tuple[int, ...] = (512, 256, 256)
+    dropout: float = 0.5
+    baseline_lstm: int = 512
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("dcnn_blstmwa", "cnn_lstm"):
+            raise ValueError(f"unknown arch {self.arch!r}")
+        if len(self.labels) < 2:
+            raise ValueError("need at least two labels")
+        # tuples survive the JSON-like round trip through the checkpoint as lists
+        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "dnn", tuple(self.dnn))
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["labels"] = list(self.labels)
+        d["dnn"] = list(self.dnn)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**d)
+
+
+__all__ = ["FrontendConfig", "ModelConfig", "EMODB_LABELS", "NORMALIZATIONS", "field"]

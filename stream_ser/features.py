@@ -1,0 +1,156 @@
+"""The front-end: waveform -> log-Mel frames -> 3-channel segments -> CNN images.
+
+One ``nn.Module`` used by training, offline evaluation and the live recognizer,
+so that every stage sees the same numbers. Window and Mel filterbank are buffers
+(``.to(device)`` moves them); every method is batched.
+
+Two choices keep streaming exactly equal to offline (DESIGN.md invariants 1-2):
+
+- Frames are cut first and pre-emphasis is applied *inside each 25 ms frame*
+  (``y[0] = x[0]``, ``y[n] = x[n] - 0.97 x[n-1]``, as Kaldi does), so a frame is a
+  function of its own 400 samples. With whole-signal pre-emphasis the first frame
+  of a window would depend on the sample before the window, and the live window
+  could never equal the offline one exactly. Only one sample per frame differs
+  from the paper's filter, at the window's tapered edge.
+- Deltas are computed inside each 64-frame segment with replicated edges and the
+  normalisation is per segment (default) or from corpus statistics, never per
+  utterance, so a segment depends on its own 655 ms only and can be embedded once.
+
+Frame ``t`` covers samples ``[t*hop, t*hop + win)``. The 400-sample windowed frame
+is zero-padded to 512 for the FFT; the power spectrum equals librosa's (which
+centres the window in the 512 frame) because the two differ by a circular shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchaudio.functional as AF
+from torch import nn
+
+from .config import FrontendConfig
+
+
+class Frontend(nn.Module):
+    """Log-Mel / delta / delta-delta segments and their CNN images.
+
+    Shapes: ``B`` batch, ``N`` samples (16 kHz, float in [-1, 1]), ``T`` frames,
+    ``S`` segments, ``C`` channels (1-3), ``M`` = 64 Mel bins, ``L`` = 64 frames
+    per segment.
+    """
+
+    def __init__(self, config: FrontendConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or FrontendConfig()
+        self.register_buffer("window", torch.hamming_window(cfg.win_length, periodic=True), persistent=False)
+        fb = AF.melscale_fbanks(
+            n_freqs=cfg.n_fft // 2 + 1, f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels,
+            sample_rate=cfg.sample_rate, norm=cfg.mel_norm, mel_scale=cfg.mel_scale,
+        )  # [F, M]
+        self.register_buffer("mel_fb", fb, persistent=False)
+        # corpus-level statistics per channel and Mel bin (used when normalization == "corpus")
+        self.register_buffer("norm_mean", torch.zeros(3, cfg.n_mels))
+        self.register_buffer("norm_std", torch.ones(3, cfg.n_mels))
+
+    # --- frames ------------------------------------------------------------------
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        """Natural log of Mel power, floored at ``config.log_floor``.
+
+        wave: [B, N] or [N] float -> [B, M, T] with T = 1 + (N - 400) // 160 (0 if N < 400).
+        """
+        cfg = self.config
+        if wave.dim() == 1:
+            wave = wave.unsqueeze(0)
+        wave = wave.to(self.window.dtype)
+        if wave.shape[-1] < cfg.win_length:
+            return wave.new_zeros(wave.shape[0], cfg.n_mels, 0)
+        frames = wave.unfold(-1, cfg.win_length, cfg.hop_length)  # [B, T, win]
+        if cfg.preemphasis:
+            frames = AF.preemphasis(frames, cfg.preemphasis)  # per frame, on the last dim
+        spec = torch.fft.rfft(frames * self.window, n=cfg.n_fft)  # [B, T, F]
+        power = spec.real.square() + spec.imag.square()
+        mel = power @ self.mel_fb  # [B, T, M]
+        return mel.clamp_min(cfg.log_floor).log().transpose(1, 2)
+
+    # --- segments ----------------------------------------------------------------
+    def segments_from_log_mel(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """[B, M, T] -> normalised segments [B, S, C, M, L]; deltas inside each segment."""
+        cfg = self.config
+        B, M, T = log_mel.shape
+        S = cfg.segments_for_frames(T)
+        if S == 0:
+            return log_mel.new_zeros(B, 0, cfg.channels, M, cfg.segment_frames)
+        static = log_mel.unfold(-1, cfg.segment_frames, cfg.segment_shift)  # [B, M, S, L]
+        static = static.permute(0, 2, 1, 3)  # [B, S, M, L]
+        chans = [static]
+        win = 2 * cfg.delta_n + 1
+        if cfg.channels >= 2:
+            chans.append(AF.compute_deltas(static, win_length=win, mode="replicate"))
+        if cfg.channels >= 3:
+            chans.append(AF.compute_deltas(chans[1], win_length=win, mode="replicate"))
+        return self.normalize(torch.stack(chans, dim=2))
+
+    def segments(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave [B, N] -> segments [B, S, C, 64, 64] (64 frames every 32)."""
+        return self.segments_from_log_mel(self.log_mel(wave))
+
+    def normalize(self, seg: torch.Tensor) -> torch.Tensor:
+        """The one normalisation both packages use; seg [..., C, M, L].
+
+        ``segment``: per channel over the segment's M x L values; ``corpus``:
+        per channel and Mel bin with the stored statistics; ``utterance`` and
+        ``none``: unchanged (the paper standardises the waveform instead, see
+        :meth:`prepare_utterance`).
+        """
+        cfg = self.config
+        if cfg.normalization == "segment":
+            mean = seg.mean(dim=(-2, -1), keepdim=True)
+            std = seg.std(dim=(-2, -1), keepdim=True, unbiased=False)
+            return (seg - mean) / (std + cfg.norm_eps)
+        if cfg.normalization == "corpus":
+            C = seg.shape[-3]
+            mean = self.norm_mean[:C, :, None]
+            std = self.norm_std[:C, :, None]
+            return (seg - mean) / (std + cfg.norm_eps)
+        return seg
+
+    def set_corpus_stats(self, raw_segments: torch.Tensor) -> None:
+        """Fit the ``corpus`` statistics on un-normalised segments [..., C, M, L]."""
+        C = raw_segments.shape[-3]
+        x = raw_segments.reshape(-1, C, raw_segments.shape[-2], raw_segments.shape[-1])
+        self.norm_mean.zero_()
+        self.norm_std.fill_(1.0)
+        self.norm_mean[:C] = x.mean(dim=(0, 3)).to(self.norm_mean)
+        self.norm_std[:C] = x.std(dim=(0, 3)).to(self.norm_std)
+
+    # --- images ------------------------------------------------------------------
+    def images(self, segments: torch.Tensor) -> torch.Tensor:
+        """[..., C, M, L] -> [..., C, size, size] by bilinear interpolation (no-op if already that size)."""
+        size = self.config.image_size
+        lead = segments.shape[:-3]
+        x = segments.reshape(-1, *segments.shape[-3:])
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return x.reshape(*lead, *x.shape[-3:])
+
+    # --- utterances --------------------------------------------------------------
+    def prepare_utterance(self, wave: torch.Tensor) -> torch.Tensor:
+        """One utterance [N] -> [utterance_samples]: truncated or zero-padded at the end.
+
+        With ``normalization == "utterance"`` the waveform is first standardised to
+        zero mean and unit variance (the paper's preprocessing; offline only).
+        """
+        cfg = self.config
+        wave = wave.reshape(-1).to(self.window.dtype)
+        if cfg.normalization == "utterance" and wave.numel() > 1:
+            wave = (wave - wave.mean()) / (wave.std() + cfg.norm_eps)
+        n = cfg.utterance_samples
+        if wave.numel() >= n:
+            return wave[:n]
+        return F.pad(wave, (0, n - wave.numel()))
+
+    def utterance_segments(self, waves: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Utterances (list of [N_i] or [B, N]) -> [B, 8, C, M, L]."""
+        batch = torch.stack([self.prepare_utterance(w.to(self.window.device)) for w in waves])
+        return self.segments(batch)
+

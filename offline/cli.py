@@ -1,0 +1,185 @@
+"""``ser-offline``: train a deployable model, run the speaker-independent protocol, write reports."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .augment import SPEED_SETS
+from .corpora import CorpusError, load_corpus
+from .train import PRESETS, config_from_args
+
+EPILOG = """examples:
+  ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset quick --out runs/emodb-quick
+  ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset paper --weights none --out runs/paper
+  ser-offline train --corpus emodb --data ../shared/data/emodb --preset quick --out model.pt
+  ser-offline report runs/emodb-quick              (rewrite report.md and confusion.png)
+  ser-offline report runs/a runs/b --compare       (one ablation table)
+"""
+
+
+def _speeds(text: str) -> tuple[float, ...]:
+    if text in ("1", "3", "5"):
+        return SPEED_SETS[int(text)]
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("--speeds takes 1, 3, 5 or a list like 0.9,1.0,1.1") from None
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", choices=["emodb", "iemocap", "csv"], required=True,
+                   help="corpus kind; csv: --data is a manifest with path,label,speaker[,fold]")
+    p.add_argument("--data", required=True, help="corpus folder (EMO-DB: the folder with wav/; IEMOCAP: with Session1..5)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="paper: the paper's full settings; quick: CPU-feasible (default: quick)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--cache-dir", default=".cache/features", help="log-Mel cache, keyed by front-end config")
+    g = p.add_argument_group("overrides (default: the preset's value)")
+    g.add_argument("--stage1-epochs", type=int)
+    g.add_argument("--stage1-batch", type=int)
+    g.add_argument("--stage1-lr", type=float)
+    g.add_argument("--stage2-epochs", type=int)
+    g.add_argument("--stage2-batch", type=int)
+    g.add_argument("--stage2-lr", type=float)
+    g.add_argument("--speeds", type=_speeds, help="speed perturbation of training speakers: 1, 3, 5 or a list")
+    g.add_argument("--runs", type=int, help="runs per fold (paper: 3)")
+    g.add_argument("--weights", help="AlexNet init: imagenet, none, or a .pth path")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--image-size", type=int, help="CNN input size (paper: 227)")
+    g.add_argument("--channels", type=int, choices=[1, 2, 3], help="log-Mel channels: static, +delta, +delta-delta")
+    g.add_argument("--segment-frames", type=int, help="segment length in frames, 16-128 (shift is half)")
+    g.add_argument("--normalization", choices=["segment", "corpus", "utterance", "none"])
+    g.add_argument("--no-attention", dest="attention", action="store_const", const=False,
+                   help="mean of the BLSTM outputs instead of attention (Table 3)")
+    g.add_argument("--arch", choices=["dcnn_blstmwa", "cnn_lstm"], help="cnn_lstm: the paper's 2-CNN-LSTM baseline")
+    g.add_argument("--no-class-weights", dest="class_weights", action="store_const", const=False)
+    g.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no mixed precision on CUDA")
+    g.add_argument("--max-per-speaker", type=int, help="use at most N utterances per speaker (smoke runs)")
+
+
+OVERRIDE_KEYS = ["stage1_epochs", "stage1_batch", "stage1_lr", "stage2_epochs", "stage2_batch", "stage2_lr", "speeds",
+                 "runs", "weights", "seed", "image_size", "channels", "segment_frames", "normalization", "attention",
+                 "arch", "class_weights", "amp", "max_per_speaker"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ser-offline", description="Train and evaluate the DCNN-BLSTMwA speech "
+                                 "emotion model speaker-independently (Zhang et al. 2021).",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train one deployable model on all speakers and write a checkpoint")
+    _add_training_flags(t)
+    t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    t.add_argument("--val-speaker", action="append", default=[],
+                   help="hold this speaker out for model selection (repeatable); default: train on all, last epoch")
+    t.add_argument("--compact", action="store_true", help="also write an int8 compact copy next to --out")
+    lo = sub.add_parser("loso", help="leave-one-speaker-out (EMO-DB) / leave-one-session-out (IEMOCAP) evaluation")
+    _add_training_flags(lo)
+    lo.add_argument("--out", required=True, help="run folder for results.json, report.md, confusion.png, run.log")
+    lo.add_argument("--folds", help="comma-separated subset of folds (test speakers or sessions)")
+    r = sub.add_parser("report", help="rewrite report.md and confusion.png from results.json")
+    r.add_argument("runs", nargs="+", help="run folders")
+    r.add_argument("--compare", action="store_true", help="print one comparison table over the runs")
+    return ap
+
+
+@contextmanager
+def _progress_and_log(log_path: Path | None):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    fh = open(log_path, "a") if log_path else None
+
+    def log(msg: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        console.log(msg)
+        if fh:
+            fh.write(f"{stamp} {msg}\n")
+            fh.flush()
+
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=console, transient=False, disable=not console.is_terminal) as progress:
+        try:
+            yield log, progress
+        finally:
+            if fh:
+                fh.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "report":
+        from .report import compare, write_report
+        for d in args.runs:
+            if not (Path(d) / "results.json").is_file():
+                print(f"error: {d}/results.json not found (run `ser-offline loso ... --out {d}` first)", file=sys.stderr)
+                return 2
+            print(f"wrote {write_report(d)}")
+        if args.compare:
+            print(compare(args.runs))
+        return 0
+
+    from .evaluate import pick_device, run_protocol  # torch-heavy imports only when needed
+
+    try:
+        cfg = config_from_args(args.preset, {k: getattr(args, k, None) for k in OVERRIDE_KEYS})
+        corpus = load_corpus(args.corpus, args.data)
+    except (CorpusError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    command = "ser-offline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    out = Path(args.out)
+    if args.cmd == "loso":
+        out.mkdir(parents=True, exist_ok=True)
+        with _progress_and_log(out / "run.log") as (log, progress):
+            log(f"{command}\npreset {cfg.preset}: {cfg.to_dict()} on {device}; {len(corpus.utterances)} utterances")
+            results = run_protocol(corpus, cfg, out, device, Path(args.cache_dir), command,
+                                   args.folds.split(",") if args.folds else None, log, progress)
+        from .report import write_report
+        report = write_report(out)
+        s = results["summary"]
+        print(f"UAR {100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f} % over {s['n_folds']} folds "
+              f"(pooled {100 * s['pooled_uar']:.2f} %, WA {100 * s['pooled_wa']:.2f} %); report: {report}")
+        return 0
+
+    # train: one deployable model
+    from .train import FeatureBank, train_model
+    from stream_ser.model import save_checkpoint
+
+    val_spk = set(args.val_speaker)
+    unknown = val_spk - set(corpus.speakers)
+    if unknown:
+        print(f"error: --val-speaker {sorted(unknown)} not in the corpus ({corpus.speakers})", file=sys.stderr)
+        return 2
+    train_u = [u for u in corpus.utterances if u.speaker not in val_spk]
+    val_u = [u for u in corpus.utterances if u.speaker in val_spk]
+    log_path = out.with_suffix(".log")
+    with _progress_and_log(log_path) as (log, progress):
+        log(f"{command}\npreset {cfg.preset}: {cfg.to_dict()} on {device}")
+        bank = FeatureBank(corpus, cfg.frontend_config(), Path(args.cache_dir), device, log, progress)
+        model, info = train_model(bank, train_u, val_u, cfg, device, cfg.seed, log, progress)
+    model.meta = {
+        "trained_on": f"{corpus.name} ({', '.join(corpus.speakers) if len(corpus.speakers) <= 12 else str(len(corpus.speakers)) + ' speakers'};"
+                      f" {len(train_u)} utterances{'; German acted speech' if corpus.name == 'emodb' else ''})",
+        "corpus": corpus.name, "speakers": sorted({u.speaker for u in train_u}), "val_speakers": sorted(val_spk),
+        "train_config": cfg.to_dict(), "command": command, "train_seconds": info["train_seconds"],
+        "bad_files": len([k for k in bank.bad if "/" in k]), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    save_checkpoint(model.cpu(), out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {info['train_seconds'] / 60:.1f} min; log {log_path}")
+    if args.compact:
+        small = out.with_name(out.stem + "-int8" + out.suffix)
+        save_checkpoint(model, small, compact=True)
+        print(f"wrote {small} ({small.stat().st_size / 1e6:.1f} MB, int8 + per-row scales)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Speaker-independent evaluation: EMO-DB leave-one-speaker-out, IEMOCAP leave-one-session-out.
+
+EMO-DB (paper section 3.2): for each test speaker, the next speaker (in sorted
+order, wrapping) validates and the other 8 train. Corpora whose fold is a
+session (IEMOCAP): the session's speakers are the test set, one speaker of the
+next session validates, the rest of the other sessions train. N runs per fold
+with different seeds. Finished fold-runs are saved one file each and never
+recomputed, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .corpora import Corpus
+from .metrics import summarize
+from .train import FeatureBank, TrainConfig, evaluate_model, save_json, train_model
+
+
+@dataclass(frozen=True)
+class Fold:
+    name: str
+    test: tuple[str, ...]
+    val: tuple[str, ...]
+    train: tuple[str, ...]
+
+
+def make_folds(corpus: Corpus) -> list[Fold]:
+    """One fold per test speaker (LOSO) when folds are speakers, else one per session."""
+    speakers = corpus.speakers
+    fold_names = corpus.folds
+    spk_fold = {u.speaker: u.fold for u in corpus.utterances}
+    folds = []
+    for i, f in enumerate(fold_names):
+        test = tuple(s for s in speakers if spk_fold[s] == f)
+        nxt = fold_names[(i + 1) % len(fold_names)]
+        val = (next(s for s in speakers if spk_fold[s] == nxt),)
+        train = tuple(s for s in speakers if s not in test and s not in val)
+        folds.append(Fold(f, test, val, train))
+    return folds
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0], "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.device, cache_dir: Path | None,
+                 command: str = "", only_folds: list[str] | None = None, log=print, progress=None) -> dict:
+    """Train and test every fold x run; write ``results.json`` (and per fold-run files). Resumable."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.max_per_speaker:
+        keep, seen = set(), {}
+        for u in corpus.utterances:
+            if seen.get(u.speaker, 0) < cfg.max_per_speaker:
+                seen[u.speaker] = seen.get(u.speaker, 0) + 1
+                keep.add(u.uid)
+        corpus = corpus.subset(lambda u: u.uid in keep)
+    folds = make_folds(corpus)
+    if only_folds:
+        unknown = set(only_folds) - {f.name for f in folds}
+        if unknown:
+            raise SystemExit(f"error: unknown folds {sorted(unknown)}; this corpus has {[f.name for f in folds]}")
+        folds = [f for f in folds if f.name in only_folds]
+    bank = FeatureBank(corpus, cfg.frontend_config(), cache_dir, device, log, progress)
+    by_spk: dict[str, list] = {}
+    for u in corpus.utterances:
+        by_spk.setdefault(u.speaker, []).append(u)
+    t_start = time.time()
+    fold_runs = []
+    outer = progress.add_task("folds x runs", total=len(folds) * cfg.runs) if progress else None
+    for fi, fold in enumerate(folds):
+        for run in range(cfg.runs):
+            path = out_dir / "folds" / f"{fold.name}_run{run}.json"
+            if path.is_file():
+                fold_runs.append(json.loads(path.read_text()))
+                log(f"fold {fold.name} run {run}: done before (UAR {fold_runs[-1]['uar']:.4f}), not recomputed")
+                if outer is not None:
+                    progress.advance(outer)
+                continue
+            seed = cfg.seed + 1000 * run + fi
+            log(f"fold {fold.name} run {run} (seed {seed}): test {list(fold.test)} val {list(fold.val)} "
+                f"train {list(fold.train)}")
+            t0 = time.time()
+            train_u = [u for s in fold.train for u in by_spk[s]]
+            val_u = [u for s in fold.val for u in by_spk[s]]
+            test_u = [u for s in fold.test for u in by_spk[s]]
+            model, info = train_model(bank, train_u, val_u, cfg, device, seed, log, progress)
+            res = evaluate_model(model, bank, test_u, device, cfg.amp)
+            rec = {"fold": fold.name, "run": run, "seed": seed, "test": list(fold.test), "val": list(fold.val),
+                   "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
+                   "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"]},
+                   "train_info": info, "seconds": time.time() - t0}
+            save_json(path, rec)
+            fold_runs.append(rec)
+            log(f"fold {fold.name} run {run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} ({rec['seconds']:.0f} s)")
+            if outer is not None:
+                progress.advance(outer)
+    results = {
+        "corpus": corpus.name, "labels": list(corpus.labels), "command": command, "preset": cfg.preset,
+        "config": cfg.to_dict(), "frontend": cfg.frontend_config().to_dict(), "machine": machine_info(device),
+        "folds": [dict(f.__dict__) for f in folds], "fold_runs": fold_runs,
+        "bad_files": dict(bank.bad), "n_bad_files": len({k for k in bank.bad if "/" in k}),
+        "wall_seconds_this_session": time.time() - t_start,
+        "compute_seconds": sum(r["seconds"] for r in fold_runs),
+        "summary": summarize(fold_runs, corpus.labels),
+    }
+    save_json(out_dir / "results.json", results)
+    return results

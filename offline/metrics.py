@@ -1,0 +1,67 @@
+"""Confusion matrices, UAR (the paper's metric), WA, per-class recall, fold summaries."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+    """Counts [K, K]: rows are true classes, columns predicted."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        cm[int(t), int(p)] += 1
+    return cm
+
+
+def recall_per_class(cm: np.ndarray) -> np.ndarray:
+    """Recall of each class; NaN for a class with no true samples (it is left out of UAR)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    support = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(cm) / support, np.nan)
+
+
+def uar(cm: np.ndarray) -> float:
+    """Unweighted average recall: the mean of the per-class recalls of the classes present."""
+    r = recall_per_class(cm)
+    return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
+
+
+def wa(cm: np.ndarray) -> float:
+    """Weighted accuracy (overall accuracy): correct / all."""
+    cm = np.asarray(cm)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else float("nan")
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
+    """The paper's protocol: each fold's UAR is the mean over its runs; report mean +- std over folds.
+
+    Also pooled figures over every test prediction of every run (confusion summed).
+    """
+    K = len(labels)
+    by_fold: dict[str, list[float]] = {}
+    pooled = np.zeros((K, K), dtype=np.int64)
+    for r in fold_runs:
+        by_fold.setdefault(r["fold"], []).append(r["uar"])
+        pooled += np.asarray(r["confusion"], dtype=np.int64)
+    fold_uar = {f: float(np.mean(v)) for f, v in sorted(by_fold.items())}
+    m, s = mean_std(fold_uar.values())
+    rec = recall_per_class(pooled)
+    return {
+        "uar_mean": m, "uar_std": s, "fold_uar": fold_uar,
+        "pooled_uar": uar(pooled), "pooled_wa": wa(pooled),
+        "recall": {lab: (None if math.isnan(x) else float(x)) for lab, x in zip(labels, rec)},
+        "confusion": pooled.tolist(), "n_folds": len(fold_uar), "n_fold_runs": len(fold_runs),
+    }

@@ -1,0 +1,147 @@
+"""Reports from ``results.json``: ``report.md`` with tables like the paper's, and ``confusion.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# The paper's figures (UAR %, mean +- std over folds), Tables 1-6.
+PAPER = {
+    "emodb": {"proposed": (87.86, 6.92), "no_pretrain": (81.31, 4.89), "c1": (80.37, 6.17), "c2": (85.05, 8.75),
+              "x1": (80.92, 6.38), "x3": (84.72, 7.76), "no_attention": (80.17, 6.57), "baseline": (78.01, 6.91)},
+    "iemocap": {"proposed": (68.50, 6.20), "no_pretrain": (64.04, 5.24), "c1": (62.38, 4.58), "c2": (66.25, 6.65),
+                "no_attention": (65.14, 4.94), "baseline": (58.23, 5.21)},
+}
+
+
+def paper_reference(corpus: str, cfg: dict) -> tuple[str, tuple[float, float]] | None:
+    """The paper's number for the setting closest to ``cfg`` (one changed factor at most)."""
+    ref = PAPER.get(corpus)
+    if not ref:
+        return None
+    changed = []
+    if cfg.get("arch") == "cnn_lstm":
+        return "Table 5/6 baseline 2-CNN-LSTM", ref["baseline"]
+    if cfg.get("weights") == "none":
+        changed.append(("Table 4 without pre-training", "no_pretrain"))
+    if cfg.get("channels", 3) != 3:
+        changed.append((f"Table 1 C={cfg['channels']}", f"c{cfg['channels']}"))
+    n_speeds = len(cfg.get("speeds", [1, 2, 3, 4, 5]))
+    if n_speeds != 5:
+        changed.append((f"Table 2 x{n_speeds}", f"x{n_speeds}"))
+    if not cfg.get("attention", True):
+        changed.append(("Table 3 without attention", "no_attention"))
+    if not changed:
+        return "Tables 1-6 proposed", ref["proposed"]
+    name, key = changed[0]
+    if key not in ref:
+        return None
+    note = "" if len(changed) == 1 else f" (this run also differs in: {', '.join(c[0] for c in changed[1:])})"
+    return name + note, ref[key]
+
+
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2.5, 1.0 * len(labels) + 2))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.2f}"
+
+
+def render_markdown(results: dict) -> str:
+    s = results["summary"]
+    cfg = results["config"]
+    labels = results["labels"]
+    m = results["machine"]
+    lines = [f"# {results['corpus']} — {'LOSO' if results['corpus'] != 'iemocap' else 'leave-one-session-out'} "
+             f"report ({results['preset']} preset)", ""]
+    if results.get("command"):
+        lines += ["Command:", "", f"```\n{results['command']}\n```", ""]
+    lines += [f"Machine: {m.get('cpu')} ({m.get('cores')} cores), device `{m.get('device')}`"
+              + (f" ({m['gpu']})" if m.get("gpu") else "") + f", torch {m.get('torch')}, Python {m.get('python')}.",
+              f"Compute time: {results['compute_seconds'] / 60:.1f} min over {s['n_fold_runs']} fold-runs "
+              f"({s['n_folds']} folds x {cfg['runs']} runs).", ""]
+    lines += ["## Result", "",
+              "| metric | this run | paper |", "|---|---|---|"]
+    ref = paper_reference(results["corpus"], cfg)
+    ref_txt = f"{ref[1][0]:.2f} ± {ref[1][1]:.2f} ({ref[0]})" if ref else "–"
+    lines += [f"| UAR, mean ± std over folds (%) | **{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}** | {ref_txt} |",
+              f"| pooled UAR (%) | {100 * s['pooled_uar']:.2f} | – |",
+              f"| pooled WA (%) | {100 * s['pooled_wa']:.2f} | – |", ""]
+    lines += ["## UAR per fold (%)", "", "| test | validation | " + " | ".join(f"run {r}" for r in range(cfg["runs"]))
+              + " | mean |", "|---|---|" + "---|" * (cfg["runs"] + 1)]
+    by = {}
+    for r in results["fold_runs"]:
+        by.setdefault(r["fold"], {})[r["run"]] = r
+    for f in results["folds"]:
+        runs = by.get(f["name"], {})
+        cells = [_pct(runs[r]["uar"]) if r in runs else "–" for r in range(cfg["runs"])]
+        mean = s["fold_uar"].get(f["name"])
+        lines.append(f"| {', '.join(f['test'])} | {', '.join(f['val'])} | " + " | ".join(cells) + f" | {_pct(mean)} |")
+    lines += ["", "## Recall per class (pooled, %)", "", "| " + " | ".join(labels) + " |",
+              "|" + "---|" * len(labels), "| " + " | ".join(_pct(s["recall"][lab]) for lab in labels) + " |", ""]
+    cm = np.asarray(s["confusion"])
+    lines += ["## Confusion matrix (pooled counts; rows true, columns predicted)", "", "![confusion](confusion.png)", "",
+              "| true \\ predicted | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for i, lab in enumerate(labels):
+        lines.append(f"| {lab} | " + " | ".join(str(int(x)) for x in cm[i]) + " |")
+    lines += ["", "## Configuration", "", "| setting | value | paper |", "|---|---|---|"]
+    paper_vals = {"channels": 3, "speeds": [0.8, 0.9, 1.0, 1.1, 1.2], "attention": True, "weights": "imagenet",
+                  "segment_frames": 64, "normalization": "utterance (waveform)", "arch": "dcnn_blstmwa",
+                  "image_size": 227, "stage1_epochs": 20, "stage1_batch": 128, "stage1_lr": 1e-4,
+                  "stage2_epochs": 30, "stage2_batch": 16, "stage2_lr": 5e-6, "runs": 3}
+    for k, v in cfg.items():
+        lines.append(f"| {k} | {v} | {paper_vals.get(k, '')} |")
+    if results.get("bad_files"):
+        lines += ["", f"## Bad files skipped ({results['n_bad_files']})", ""]
+        lines += [f"- `{k}`: {v}" for k, v in results["bad_files"].items() if "/" in k]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    s = results["summary"]
+    title = (f"{results['corpus']} {results['preset']}: UAR {100 * s['uar_mean']:.1f} ± {100 * s['uar_std']:.1f} %"
+             f" (pooled {100 * s['pooled_uar']:.1f} %)")
+    plot_confusion(np.asarray(s["confusion"]), results["labels"], run_dir / "confusion.png", title)
+    out = run_dir / "report.md"
+    out.write_text(render_markdown(results))
+    return out
+
+
+def compare(run_dirs: list[str | Path]) -> str:
+    """One table over several runs (an ablation): what differs, and the UARs."""
+    rows = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    keys = sorted({k for r in rows for k, v in r["config"].items() if any(x["config"].get(k) != v for x in rows)})
+    head = ["run"] + keys + ["UAR mean ± std (%)", "pooled UAR (%)", "WA (%)", "paper"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d, r in zip(run_dirs, rows):
+        s = r["summary"]
+        ref = paper_reference(r["corpus"], r["config"])
+        out.append("| " + " | ".join([Path(d).name] + [str(r["config"].get(k)) for k in keys] + [
+            f"{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}", f"{100 * s['pooled_uar']:.2f}",
+            f"{100 * s['pooled_wa']:.2f}", f"{ref[1][0]:.2f} ({ref[0]})" if ref else "–"]) + " |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,420 @@
+"""Training the DCNN-BLSTMwA model in the paper's two stages (section 3.2).
+
+Stage 1 fine-tunes the AlexNet embedder on segments (segment label = utterance
+label) with a class-weighted cross-entropy. Stage 2 embeds every segment once
+(FC7, 4096-d) and trains the BLSTM-attention head on 8-segment utterances.
+Model selection in both stages uses the validation speakers' UAR only.
+
+Speed is mostly about doing work once: log-Mels are computed once per
+(file, speed) and cached on disk keyed by the front-end config; segments live in
+memory (on the device where it fits); images are resized on the device per batch;
+CUDA runs use mixed precision and channels-last.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stream_ser.audio import AudioError
+from stream_ser.config import FrontendConfig, ModelConfig
+from stream_ser.features import Frontend
+from stream_ser.model import EmotionModel
+
+from .augment import PAPER_SPEEDS, speed_perturb
+from .corpora import Corpus, Utterance, load_waves
+from .metrics import confusion_matrix, uar
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training choice; presets fill it, every field is a command-line flag."""
+
+    preset: str = "paper"
+    stage1_epochs: int = 20
+    stage1_batch: int = 128
+    stage1_lr: float = 1e-4
+    stage2_epochs: int = 30
+    stage2_batch: int = 16
+    stage2_lr: float = 5e-6
+    speeds: tuple[float, ...] = PAPER_SPEEDS
+    runs: int = 3
+    weights: str = "imagenet"
+    seed: int = 0
+    image_size: int = 227
+    channels: int = 3
+    segment_frames: int = 64
+    normalization: str = "segment"
+    attention: bool = True
+    arch: str = "dcnn_blstmwa"
+    class_weights: bool = True
+    amp: bool = True  # CUDA only
+    max_per_speaker: int = 0  # 0: all; >0: a small subset (tests, smoke runs)
+
+    def __post_init__(self):
+        object.__setattr__(self, "speeds", tuple(float(s) for s in self.speeds))
+        if 1.0 not in self.speeds:
+            raise ValueError("speeds must include 1.0 (the unmodified audio)")
+
+    def frontend_config(self) -> FrontendConfig:
+        return FrontendConfig(channels=self.channels, segment_frames=self.segment_frames,
+                              segment_shift=max(1, self.segment_frames // 2), image_size=self.image_size,
+                              normalization=self.normalization)
+
+    def model_config(self, labels: Sequence[str]) -> ModelConfig:
+        return ModelConfig(labels=tuple(labels), arch=self.arch, attention=self.attention)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["speeds"] = list(self.speeds)
+        return d
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # The paper's values (DESIGN.md). ImageNet weights must be in the torch hub cache.
+    "paper": TrainConfig(),
+    # CPU-feasible: 10 EMO-DB folds in well under an hour on 2 cores. Smaller CNN input
+    # (112 px: ~4x cheaper), 4 fine-tuning epochs, no augmentation, one run per fold, and
+    # a head learning rate that converges in 30 epochs without the augmented data.
+    "quick": TrainConfig(preset="quick", stage1_epochs=4, stage2_lr=1e-4, speeds=(1.0,), runs=1,
+                         weights="none", image_size=112),
+}
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse class frequency, normalised to mean 1 over the classes present (paper section 3.2)."""
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    w = torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), torch.zeros_like(counts))
+    return w
+
+
+# --- features ----------------------------------------------------------------------
+class FeatureBank:
+    """log-Mel [M, T] of each utterance's 3 s window, per speed, cached on disk.
+
+    The cache file is keyed by corpus, front-end (``FrontendConfig.log_mel_key``) and
+    speed; missing utterances are computed and added. Bad audio files are reported
+    once through ``log`` and counted in ``bad``; they are left out, never fatal.
+    """
+
+    def __init__(self, corpus: Corpus, frontend_config: FrontendConfig, cache_dir: str | Path | None,
+                 device: torch.device, log: Log = print, progress=None):
+        self.corpus = corpus
+        self.frontend = Frontend(frontend_config).to(device)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.device = device
+        self.log = log
+        self.progress = progress
+        self.by_uid = {u.uid: u for u in corpus.utterances}
+        self.bad: dict[str, str] = {}
+        self._mem: dict[float, dict[str, torch.Tensor]] = {}
+
+    def _cache_path(self, speed: float) -> Path | None:
+        if not self.cache_dir:
+            return None
+        return self.cache_dir / f"{self.corpus.name}-{self.frontend.config.log_mel_key()}-x{speed:.2f}.pt"
+
+    def _load_cache(self, speed: float) -> dict[str, torch.Tensor]:
+        path = self._cache_path(speed)
+        if path and path.is_file():
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                self.bad.update(blob.get("bad", {}))
+                return dict(zip(blob["uids"], blob["log_mel"].unbind(0)))
+            except Exception as e:  # a damaged cache is recomputed, not fatal
+                self.log(f"feature cache {path} unreadable ({e}); recomputing")
+        return {}
+
+    def _save_cache(self, speed: float, table: dict[str, torch.Tensor]) -> None:
+        path = self._cache_path(speed)
+        if not path or not table:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uids = sorted(table)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"uids": uids, "log_mel": torch.stack([table[u] for u in uids]), "bad": self.bad}, tmp)
+        tmp.replace(path)
+
+    def log_mels(self, uids: Sequence[str], speed: float) -> tuple[list[str], torch.Tensor]:
+        """-> (the uids that have audio, log-Mel [U, M, T] on CPU). Computes what is not cached."""
+        if speed not in self._mem:
+            self._mem[speed] = self._load_cache(speed)
+        table = self._mem[speed]
+        todo = [u for u in uids if u not in table and u not in self.bad]
+        if todo:
+            task = self.progress.add_task(f"log-Mel x{speed:g}", total=len(todo)) if self.progress else None
+            step = (lambda: self.progress.advance(task)) if task is not None else None
+
+            def report(e: AudioError):
+                self.bad[e.source] = e.reason
+                self.log(f"skipped bad audio file {e.source}: {e.reason}")
+
+            waves, _ = load_waves([self.by_uid[u] for u in todo], on_error=report, progress=step)
+            for u in todo:
+                if str(self.by_uid[u].path) in self.bad:
+                    self.bad[u] = self.bad[str(self.by_uid[u].path)]
+            fe = self.frontend
+            items = list(waves.items())
+            with torch.no_grad():
+                for i in range(0, len(items), 32):
+                    chunk = items[i:i + 32]
+                    batch = torch.stack([fe.prepare_utterance(speed_perturb(w, speed).to(self.device)) for _, w in chunk])
+                    lm = fe.log_mel(batch).cpu()
+                    for (uid, _), x in zip(chunk, lm):
+                        table[uid] = x.clone()
+            if task is not None:
+                self.progress.remove_task(task)
+            self._save_cache(speed, table)
+        have = [u for u in uids if u in table]
+        T = self.frontend.config.utterance_frames
+        out = torch.stack([table[u] for u in have]) if have else torch.zeros(0, self.frontend.config.n_mels, T)
+        return have, out
+
+
+@dataclass
+class SplitData:
+    """Segments [U, S, C, M, L] and labels [U] of one split (on CPU or the device)."""
+
+    uids: list[str]
+    segments: torch.Tensor
+    labels: torch.Tensor
+
+
+def build_split(bank: FeatureBank, model: EmotionModel, utts: Sequence[Utterance], speeds: Sequence[float],
+                device: torch.device) -> SplitData:
+    uids, segs, labels = [], [], []
+    lab = {u.uid: bank.corpus.label_index(u.label) for u in utts}
+    for s in speeds:
+        have, lm = bank.log_mels([u.uid for u in utts], s)
+        if not have:
+            continue
+        uids += [f"{u}@{s:g}" for u in have]
+        segs.append(model.frontend.segments_from_log_mel(lm.to(device)))
+        labels.append(torch.tensor([lab[u] for u in have], dtype=torch.long))
+    if not segs:
+        raise ValueError("no usable utterances in this split")
+    return SplitData(uids, torch.cat(segs), torch.cat(labels).to(device))
+
+
+# --- the two stages ----------------------------------------------------------------
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def _segment_val_uar(model: EmotionModel, val: SplitData, device, amp: bool, batch: int = 256) -> float:
+    model.eval()
+    X = val.segments.reshape(-1, *val.segments.shape[-3:])
+    y = val.labels.repeat_interleave(val.segments.shape[1])
+    preds = []
+    for i in range(0, len(X), batch):
+        with _autocast(device, amp):
+            preds.append(model.embedder.logits(model.images(X[i:i + batch].to(device))).argmax(-1).cpu())
+    return uar(confusion_matrix(y.cpu().tolist(), torch.cat(preds).tolist(), len(model.labels)))
+
+
+def stage1_finetune(model: EmotionModel, train: SplitData, val: SplitData | None, cfg: TrainConfig,
+                    device: torch.device, gen: torch.Generator, log: Log, progress=None) -> dict:
+    """Fine-tune the embedder on segments; keep the epoch with the best validation segment UAR."""
+    emb = model.embedder
+    X = train.segments.reshape(-1, *train.segments.shape[-3:])
+    y = train.labels.repeat_interleave(train.segments.shape[1])
+    K = len(model.labels)
+    weight = class_weights(y.cpu(), K).to(device) if cfg.class_weights else None
+    opt = torch.optim.Adam(emb.parameters(), lr=cfg.stage1_lr)
+    best = {"val_uar": -1.0, "epoch": 0, "state": None}
+    history = []
+    task = progress.add_task("stage 1 (fine-tune CNN)", total=cfg.stage1_epochs) if progress else None
+    for epoch in range(1, cfg.stage1_epochs + 1):
+        model.train()
+        perm = torch.randperm(len(X), generator=gen)
+        total, n, t0 = 0.0, 0, time.perf_counter()
+        for i in range(0, len(X), cfg.stage1_batch):
+            idx = perm[i:i + cfg.stage1_batch]
+            imgs = model.images(X[idx.to(X.device)].to(device, non_blocking=True))
+            if device.type == "cuda":
+                imgs = imgs.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, cfg.amp):
+                logits = emb.logits(imgs)
+            loss = F.cross_entropy(logits.float(), y[idx.to(y.device)].to(device), weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        secs = time.perf_counter() - t0
+        val_uar = _segment_val_uar(model, val, device, cfg.amp) if val is not None else float("nan")
+        rec = {"epoch": epoch, "loss": total / n, "val_segment_uar": val_uar, "seconds": secs,
+               "segments_per_s": n / secs}
+        history.append(rec)
+        log(f"stage1 epoch {epoch}/{cfg.stage1_epochs} loss {rec['loss']:.4f} val segment UAR {val_uar:.4f} "
+            f"({rec['segments_per_s']:.0f} seg/s)")
+        if val is None or val_uar > best["val_uar"]:
+            best = {"val_uar": val_uar, "epoch": epoch, "state": copy.deepcopy(emb.state_dict())}
+        if task is not None:
+            progress.update(task, advance=1, description=f"stage 1 epoch {epoch} loss {rec['loss']:.3f} val {val_uar:.3f}")
+    if task is not None:
+        progress.remove_task(task)
+    emb.load_state_dict(best["state"])
+    return {"best_epoch": best["epoch"], "best_val_uar": best["val_uar"], "history": history}
+
+
+@torch.no_grad()
+def embed_split(model: EmotionModel, split: SplitData, device: torch.device, amp: bool, batch: int = 256) -> torch.Tensor:
+    """Each segment embedded once: [U, S, C, M, L] -> [U, S, D] (eval mode)."""
+    model.eval()
+    X = split.segments.reshape(-1, *split.segments.shape[-3:])
+    out = []
+    for i in range(0, len(X), batch):
+        imgs = model.images(X[i:i + batch].to(device))
+        if device.type == "cuda":
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            out.append(model.embedder(imgs).float())
+    return torch.cat(out).reshape(*split.segments.shape[:2], -1)
+
+
+@torch.no_grad()
+def head_probs(model: EmotionModel, feats: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([torch.softmax(model.head(feats[i:i + batch])[0], -1) for i in range(0, len(feats), batch)])
+
+
+def stage2_head(model: EmotionModel, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor | None,
+                val_y: torch.Tensor | None, cfg: TrainConfig, gen: torch.Generator, log: Log,
+                progress=None, trainable: torch.nn.Module | None = None, inputs_are_segments: bool = False) -> dict:
+    """Train the head on utterances (batch 16); keep the epoch with the best validation UAR.
+
+    With ``inputs_are_segments`` (the 2-CNN-LSTM baseline) the inputs are segments and
+    the whole network is trained end to end.
+    """
+    device = model.device
+    module = trainable or model.head
+    K = len(model.labels)
+    weight = class_weights(train_y.cpu(), K).to(device) if cfg.class_weights else None
+    lr = cfg.stage1_lr if inputs_are_segments else cfg.stage2_lr
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    forward = model if inputs_are_segments else model.head
+
+    def predict(x):
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([forward(x[i:i + 64].to(device))[0].argmax(-1).cpu() for i in range(0, len(x), 64)])
+
+    best = {"val_uar": -1.0, "epoch": 0, "state": None}
+    history = []
+    task = progress.add_task("stage 2 (BLSTM-attention head)", total=cfg.stage2_epochs) if progress else None
+    for epoch in range(1, cfg.stage2_epochs + 1):
+        model.train()
+        perm = torch.randperm(len(train_x), generator=gen)
+        total, n = 0.0, 0
+        for i in range(0, len(train_x), cfg.stage2_batch):
+            idx = perm[i:i + cfg.stage2_batch]
+            logits, _ = forward(train_x[idx.to(train_x.device)].to(device))
+            loss = F.cross_entropy(logits.float(), train_y[idx.to(train_y.device)].to(device), weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        val_uar = float("nan")
+        if val_x is not None:
+            val_uar = uar(confusion_matrix(val_y.cpu().tolist(), predict(val_x).tolist(), K))
+        history.append({"epoch": epoch, "loss": total / n, "val_uar": val_uar})
+        if val_x is None or val_uar > best["val_uar"]:
+            best = {"val_uar": val_uar, "epoch": epoch, "state": copy.deepcopy(module.state_dict())}
+        if task is not None:
+            progress.update(task, advance=1, description=f"stage 2 epoch {epoch} loss {total / n:.3f} val {val_uar:.3f}")
+    if task is not None:
+        progress.remove_task(task)
+    module.load_state_dict(best["state"])
+    log(f"stage2 best epoch {best['epoch']} val UAR {best['val_uar']:.4f} (last loss {history[-1]['loss']:.4f})")
+    return {"best_epoch": best["epoch"], "best_val_uar": best["val_uar"], "history": history}
+
+
+def train_model(bank: FeatureBank, train_utts: Sequence[Utterance], val_utts: Sequence[Utterance], cfg: TrainConfig,
+                device: torch.device, seed: int, log: Log = print, progress=None) -> tuple[EmotionModel, dict]:
+    """Both stages on ``train_utts`` (augmented with ``cfg.speeds``), selected on ``val_utts`` (never augmented)."""
+    gen = seed_everything(seed)
+    model = EmotionModel(cfg.frontend_config(), cfg.model_config(bank.corpus.labels), weights=cfg.weights).to(device)
+    t0 = time.perf_counter()
+    if cfg.normalization == "corpus":
+        raw = Frontend(dataclasses.replace(cfg.frontend_config(), normalization="none")).to(device)
+        _, lm = bank.log_mels([u.uid for u in train_utts], 1.0)
+        model.frontend.set_corpus_stats(raw.segments_from_log_mel(lm.to(device)))
+    # data stays on the device where it fits (CUDA); on CPU it is where it already is
+    train = build_split(bank, model, train_utts, cfg.speeds, device)
+    val = build_split(bank, model, val_utts, (1.0,), device) if val_utts else None
+    info: dict = {"n_train_utterances": len(train.uids), "n_val_utterances": len(val.uids) if val else 0,
+                  "n_train_segments": int(train.segments.shape[0] * train.segments.shape[1])}
+    log(f"train {len(train.uids)} utterances ({info['n_train_segments']} segments, speeds {list(cfg.speeds)}), "
+        f"val {info['n_val_utterances']}")
+    if cfg.arch == "cnn_lstm":
+        info["stage2"] = stage2_head(model, train.segments, train.labels, val.segments if val else None,
+                                     val.labels if val else None, cfg, gen, log, progress,
+                                     trainable=model, inputs_are_segments=True)
+    else:
+        t1 = time.perf_counter()
+        info["stage1"] = stage1_finetune(model, train, val, cfg, device, gen, log, progress)
+        info["stage1_seconds"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        tx = embed_split(model, train, device, cfg.amp)
+        vx = embed_split(model, val, device, cfg.amp) if val else None
+        info["embed_seconds"] = time.perf_counter() - t2
+        info["stage2"] = stage2_head(model, tx, train.labels, vx, val.labels if val else None, cfg, gen, log, progress)
+    info["train_seconds"] = time.perf_counter() - t0
+    model.eval()
+    return model, info
+
+
+def evaluate_model(model: EmotionModel, bank: FeatureBank, utts: Sequence[Utterance], device: torch.device,
+                   amp: bool = False) -> dict:
+    """Test predictions on unmodified audio: labels, predictions, probabilities, confusion."""
+    split = build_split(bank, model, utts, (1.0,), device)
+    if model.model_config.arch == "cnn_lstm":
+        model.eval()
+        with torch.no_grad():
+            probs = torch.cat([torch.softmax(model(split.segments[i:i + 64])[0], -1)
+                               for i in range(0, len(split.segments), 64)])
+    else:
+        probs = head_probs(model, embed_split(model, split, device, amp))
+    pred = probs.argmax(-1).cpu().tolist()
+    true = split.labels.cpu().tolist()
+    cm = confusion_matrix(true, pred, len(model.labels))
+    return {"uids": [u.split("@")[0] for u in split.uids], "true": true, "pred": pred,
+            "probs": probs.cpu().numpy().round(5).tolist(), "confusion": cm.tolist(), "uar": uar(cm),
+            "wa": float(np.trace(cm) / max(cm.sum(), 1))}
+
+
+def config_from_args(preset: str, overrides: dict) -> TrainConfig:
+    """A preset with the overrides that were given (None means not given)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[preset], **given)
+
+
+def save_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

@@ -1,0 +1,143 @@
+"""``stream-ser``: ``live`` (the recognizer), ``watch URL`` (a dashboard subscriber), ``devices``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  stream-ser live                                   microphone if there is one, else the bundled sample
+  stream-ser live --source speech.wav --no-dashboard --fast
+  stream-ser live --checkpoint model.pt --port 9000 --token s3cret
+  stream-ser watch ws://127.0.0.1:8765              the dashboard of a running recognizer
+  stream-ser devices                                input devices PortAudio sees
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="stream-ser", description="Real-time speech emotion recognition: a rolling 3 s "
+                                 "prediction every 320 ms, broadcast over a websocket and shown in the terminal.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lv = sub.add_parser("live", help="run the recognizer on the microphone or a file",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lv.add_argument("--source", default="auto",
+                    help="mic, a WAV/FLAC path, or auto: the microphone if an input device exists, else the bundled sample")
+    lv.add_argument("--checkpoint", default=None,
+                    help="model checkpoint (.pt); default: the bundled model. 'random' = untrained (pipeline tests)")
+    lv.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    lv.add_argument("--host", default="127.0.0.1", help="websocket bind address (0.0.0.0 exposes it to the network)")
+    lv.add_argument("--port", type=int, default=8765, help="websocket port (0: any free port)")
+    lv.add_argument("--token", default=None, help="require this token from subscribers (?token= or Bearer header)")
+    lv.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                    help="no terminal dashboard; log one line per prediction instead")
+    lv.add_argument("--fast", action="store_true", help="replay a file as fast as possible instead of in real time")
+    lv.add_argument("--loop", action="store_true", help="replay a file forever")
+    lv.add_argument("--wait-for-subscriber", action="store_true", help="hold the source until a subscriber connects")
+    lv.add_argument("--input-device", default=None, help="microphone by index or name (see `stream-ser devices`)")
+    lv.add_argument("--queue-size", type=int, default=256, help="messages queued per subscriber before the oldest drop")
+    w = sub.add_parser("watch", help="show the dashboard of a running recognizer")
+    w.add_argument("url", help="websocket address, e.g. ws://127.0.0.1:8765")
+    w.add_argument("--token", default=None)
+    w.add_argument("--stream", default=None, help="follow one stream id (multi-stream servers); default all")
+    w.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until the stream ends)")
+    sub.add_parser("devices", help="list audio input devices")
+    return ap
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def open_model(spec: str | None, device: str):
+    """--checkpoint: a path, 'random', or None for the bundled model."""
+    import torch
+
+    from .model import CheckpointError, EmotionModel, load_checkpoint
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda asked for, but torch sees no CUDA device")
+    if spec == "random":
+        return EmotionModel().to(device).eval()
+    if spec is None:
+        from .assets import default_checkpoint
+        path = default_checkpoint()
+        if path is None:
+            raise CheckpointError("no --checkpoint given and no bundled model in this install; train one with "
+                                  "`ser-offline train --corpus emodb --data DIR --out model.pt` and pass "
+                                  "--checkpoint model.pt")
+        return load_checkpoint(path, device)
+    return load_checkpoint(spec, device)
+
+
+def open_source(args):
+    from .audio import AudioError
+    from .capture import CaptureError, FileSource, MicSource
+
+    spec = args.source
+    if spec == "auto":
+        try:
+            return MicSource(args.input_device)
+        except CaptureError as e:
+            from .assets import sample_path
+            sample = sample_path()
+            if sample is None:
+                raise CaptureError(f"{e}\n(and no bundled sample to fall back on)") from None
+            print(f"no microphone ({str(e).splitlines()[0][:120]}…); replaying the bundled sample {sample.name} "
+                  "in a loop", file=sys.stderr)
+            return FileSource(sample, realtime=True, loop=True)
+    if spec == "mic":
+        return MicSource(args.input_device)
+    try:
+        return FileSource(Path(spec), realtime=not args.fast, loop=args.loop)
+    except AudioError as e:
+        raise CaptureError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "devices":
+        from .capture import CaptureError, list_input_devices
+        try:
+            devs = list_input_devices()
+        except CaptureError as e:
+            return _fail(str(e))
+        if not devs:
+            print("no input devices (use --source PATH to replay a file)")
+        for d in devs:
+            print(f"{d['index']:3d}  {d['name']}  ({d['channels']} ch, {d['default_samplerate']:.0f} Hz, {d['hostapi']})")
+        return 0
+    if args.cmd == "watch":
+        from .dashboard import watch
+        try:
+            return asyncio.run(watch(args.url, args.token, args.stream, max_seconds=args.seconds))
+        except KeyboardInterrupt:
+            return 0
+
+    from .capture import CaptureError
+    from .live import LiveApp
+    from .model import CheckpointError
+
+    try:
+        model = open_model(args.checkpoint, args.device)
+        source = open_source(args)
+        app = LiveApp(model, source, args.host, args.port, args.token, dashboard=args.dashboard,
+                      log_lines=not args.dashboard, wait_for_subscriber=args.wait_for_subscriber,
+                      queue_size=args.queue_size)
+    except (CheckpointError, CaptureError, ValueError) as e:
+        return _fail(str(e))
+    try:
+        return asyncio.run(app.run())
+    except OSError as e:  # e.g. the port is taken
+        return _fail(f"cannot serve on {args.host}:{args.port}: {e}")
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

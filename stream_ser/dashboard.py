@@ -1,0 +1,206 @@
+"""The terminal dashboard (rich): fed protocol messages, in-process or as a websocket subscriber.
+
+``DashboardState.update(msg)`` takes ``hello`` / ``prediction`` / ``status`` /
+``end`` messages (dicts from :mod:`stream_ser.protocol`); ``render(state)`` draws
+it. ``stream-ser live`` feeds it directly; ``stream-ser watch URL`` feeds it from
+the websocket, so both show exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from . import protocol as P
+
+HISTORY_S = 30.0
+COLORS = {"anger": "red", "angry": "red", "boredom": "grey62", "disgust": "green", "fear": "magenta",
+          "happiness": "yellow", "happy": "yellow", "sadness": "blue", "sad": "blue", "neutral": "white"}
+SILENCE_ACTIVITY = 0.15  # below this fraction of active frames, the window is shown as silence
+
+
+class DashboardState:
+    def __init__(self):
+        self.labels: list[str] = []
+        self.model = ""
+        self.url = ""
+        self.hop_s = 0.32
+        self.window_s = 3.0
+        self.current: dict | None = None
+        self.history: deque[tuple[float, str, float, bool]] = deque()  # (end_s, label, confidence, silent)
+        self.status: dict = {}
+        self.ended: str | None = None
+        self.errors: list[str] = []
+        self.n_predictions = 0
+        self.stream_filter: str | None = None
+
+    def update(self, msg: dict) -> None:
+        kind = msg.get("type")
+        if kind == P.HELLO:
+            self.labels = list(msg.get("labels", []))
+            self.model = msg.get("model", "")
+            self.hop_s = msg.get("hop_s", self.hop_s)
+            self.window_s = msg.get("window_s", self.window_s)
+        elif kind == P.PREDICTION:
+            if self.stream_filter and msg.get("stream") not in (None, self.stream_filter):
+                return
+            self.current = msg
+            self.n_predictions += 1
+            if not self.labels:
+                self.labels = list(msg["probabilities"])
+            silent = msg.get("speech_activity", 1.0) < SILENCE_ACTIVITY
+            self.history.append((msg["window_end_s"], msg["label"], msg["confidence"], silent))
+            while self.history and self.history[0][0] < msg["window_end_s"] - HISTORY_S:
+                self.history.popleft()
+        elif kind == P.STATUS:
+            self.status = msg
+        elif kind == P.END:
+            self.ended = msg.get("reason", "ended")
+        elif kind == P.ERROR:
+            self.errors = (self.errors + [f"{msg.get('code')}: {msg.get('message')}"])[-3:]
+
+
+def _bar(fraction: float, width: int, style: str) -> Text:
+    fraction = min(max(fraction, 0.0), 1.0)
+    full = int(round(fraction * width))
+    return Text("█" * full, style=style) + Text("·" * (width - full), style="grey30")
+
+
+def render(state: DashboardState, width: int = 100) -> Group:
+    cur = state.current
+    parts = []
+    head = Text()
+    head.append("stream_ser ", style="bold")
+    head.append(state.model or "(waiting for hello)", style="cyan")
+    if state.url:
+        head.append(f"   {state.url}", style="grey62")
+    parts.append(head)
+
+    if cur is None:
+        parts.append(Panel(Text("waiting for the first prediction (needs 3 s of audio)…", style="grey62"),
+                           title="emotion"))
+    else:
+        silent = cur.get("speech_activity", 1.0) < SILENCE_ACTIVITY
+        color = COLORS.get(cur["label"], "white")
+        big = Text()
+        if silent:
+            big.append("(silence)  ", style="bold grey62")
+            big.append(f"model says {cur['label']} {100 * cur['confidence']:.0f}%", style="grey50")
+        else:
+            big.append(cur["label"].upper(), style=f"bold {color}")
+            big.append(f"  {100 * cur['confidence']:.1f}%", style="bold")
+        big.append(f"    window {cur['window_start_s']:.2f}–{cur['window_end_s']:.2f} s   #{cur['seq']}",
+                   style="grey62")
+        bars = Table.grid(padding=(0, 1))
+        bars.add_column(justify="right", width=10)
+        bars.add_column()
+        bars.add_column(justify="right", width=6)
+        for lab in state.labels:
+            p = cur["probabilities"].get(lab, 0.0)
+            bars.add_row(lab, _bar(p, 40, COLORS.get(lab, "white")), f"{100 * p:.1f}%")
+        parts.append(Panel(Group(big, bars), title="emotion (last 3 s)"))
+
+        hist = Text()
+        for _, lab, conf, sil in state.history:
+            hist.append(lab[0].upper() if not sil else "·", style=("grey42" if sil else COLORS.get(lab, "white")))
+        legend = Text("  ".join(f"{lab[0].upper()}={lab}" for lab in state.labels), style="grey50")
+        parts.append(Panel(Group(hist, legend), title=f"history (last {HISTORY_S:.0f} s, one mark per "
+                                                        f"{state.hop_s * 1000:.0f} ms)"))
+
+        level = cur.get("level_dbfs", -120.0)
+        act = cur.get("speech_activity", 0.0)
+        meters = Table.grid(padding=(0, 1))
+        meters.add_column(justify="right", width=16)
+        meters.add_column()
+        meters.add_column()
+        meters.add_row("input level", _bar((level + 80) / 80, 30, "green"), f"{level:.1f} dBFS")
+        meters.add_row("speech activity", _bar(act, 30, "cyan"), f"{100 * act:.0f}%")
+        t = cur.get("timings_ms", {})
+        meters.add_row("this hop", Text(f"front-end {t.get('frontend', 0):.1f} ms · CNN {t.get('embed', 0):.1f} ms · "
+                                        f"head {t.get('head', 0):.1f} ms · total {t.get('total', 0):.1f} ms"), "")
+        parts.append(meters)
+
+    st = state.status
+    lat = st.get("latency_ms", {})
+    line = Text(f"latency p50 {lat.get('p50', 0):.1f} / p95 {lat.get('p95', 0):.1f} / p99 {lat.get('p99', 0):.1f} ms"
+                f"   overruns {st.get('overruns', 0)} ({st.get('lost_samples', 0)} samples)"
+                f"   dropped {st.get('dropped', 0)}   subscribers {st.get('subscribers', 0)}"
+                f"   source {st.get('source', '?')}", style="grey70")
+    parts.append(line)
+    for e in state.errors:
+        parts.append(Text(f"error {e}", style="red"))
+    if state.ended:
+        parts.append(Text(f"stream ended: {state.ended}", style="bold yellow"))
+    return Group(*parts)
+
+
+class LiveDashboard:
+    """In-process dashboard: ``with LiveDashboard(console) as d: d.update(msg)``."""
+
+    def __init__(self, console: Console | None = None, url: str = "", refresh_per_second: float = 8):
+        self.state = DashboardState()
+        self.state.url = url
+        self.console = console or Console()
+        self._live = Live(render(self.state), console=self.console, refresh_per_second=refresh_per_second,
+                          transient=False)
+
+    def __enter__(self):
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._live.update(render(self.state))
+        return self._live.__exit__(*exc)
+
+    def update(self, msg: dict) -> None:
+        self.state.update(msg)
+        self._live.update(render(self.state))
+
+
+async def watch(url: str, token: str | None = None, stream: str | None = None, console: Console | None = None,
+                max_seconds: float | None = None) -> int:
+    """Subscribe to a server and show its dashboard until the stream ends (0) or the server goes (1)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidURI, InvalidHandshake
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    console = console or Console()
+    deadline = time.monotonic() + max_seconds if max_seconds else None
+    try:
+        async with connect(url, additional_headers=headers, open_timeout=5) as ws:
+            if stream:
+                await ws.send(P.encode(P.subscribe(stream)))
+            with LiveDashboard(console, url) as dash:
+                dash.state.stream_filter = stream
+                try:
+                    while True:
+                        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                        text = await asyncio.wait_for(ws.recv(), timeout)
+                        try:
+                            msg = P.decode(text, allowed=P.SERVER_TYPES)
+                        except P.ProtocolError as e:
+                            dash.update(P.error("bad_message", f"server sent: {e}"))
+                            continue
+                        dash.update(msg)
+                        if msg["type"] == P.END:
+                            return 0
+                except asyncio.TimeoutError:
+                    return 0
+                except ConnectionClosed as e:
+                    code = e.rcvd.code if e.rcvd else None
+                    if code == P.CLOSE_UNAUTHORIZED:
+                        console.print("[red]refused: missing or wrong token (--token)[/red]")
+                        return 2
+                    console.print(f"[yellow]connection closed ({code}: {e.rcvd.reason if e.rcvd else ''})[/yellow]")
+                    return 0 if code in (1000, 1001) else 1
+    except (OSError, InvalidURI, InvalidHandshake, asyncio.TimeoutError) as e:
+        console.print(f"[red]cannot connect to {url}: {e}[/red]\nIs `stream-ser live` running there? "
+                      "It prints its websocket address when it starts.")
+        return 1

@@ -1,0 +1,365 @@
+"""The DCNN-BLSTMwA model (Zhang et al. 2021) and the one checkpoint format.
+
+- :class:`SegmentEmbedder`: torchvision's AlexNet; the segment feature is FC7
+  (4096-d, after its ReLU). A linear ``classify`` layer on top is used only for
+  stage-1 fine-tuning (segment label = utterance label).
+- :class:`AttentionHead`: BLSTM 128/direction -> attention
+  ``alpha_i = softmax(mu^T y_i)``, ``Z = sum alpha_i y_i`` (eqs. 4-5) -> DNN
+  512 (dropout) -> 256 -> 256 -> classes. ``forward`` for training;
+  ``project`` + ``infer`` for streaming over cached per-segment input projections.
+- :class:`BaselineEmbedder` / :class:`BaselineHead`: the paper's 2-CNN-LSTM
+  (Table 5): two 5x5 convolutions (16, 32 kernels) with max-pooling on the
+  64x64 3-channel log-Mel segment, an LSTM of 512 over the segments, dropout 0.5.
+- :class:`EmotionModel`: front-end + embedder + head + labels + configs.
+  ``EmotionModel()`` is the paper's model, randomly initialised, EMO-DB's 7 labels.
+
+Checkpoints are one ``torch.save`` file of plain containers and tensors, loaded
+with ``weights_only=True`` and rebuilt from the configs stored in them. The
+compact form stores large matrices as int8 with one float32 scale per row.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from .config import FrontendConfig, ModelConfig
+from .features import Frontend
+
+CHECKPOINT_FORMAT = "stream_ser.checkpoint/1"
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's IMAGENET1K_V1 file name in the hub cache
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or not one of ours."""
+
+
+class WeightsError(RuntimeError):
+    """ImageNet weights that cannot be found; the message says where to put them."""
+
+
+# --- embedders ---------------------------------------------------------------------
+def _to_three_channels(x: torch.Tensor) -> torch.Tensor:
+    """AlexNet takes RGB: 1 channel is repeated, 2 channels get a zero third."""
+    c = x.shape[1]
+    if c == 3:
+        return x
+    if c == 1:
+        return x.expand(-1, 3, -1, -1)
+    return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+
+
+def alexnet_state_dict(weights: str) -> dict[str, torch.Tensor] | None:
+    """``"none"`` -> None; ``"imagenet"`` -> torchvision's IMAGENET1K_V1 (hub cache); else a file path."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+        try:
+            return torchvision.models.AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as e:  # no network, proxy, partial file ...
+            raise WeightsError(
+                f"ImageNet AlexNet weights are not in the torch hub cache and could not be downloaded ({e}). "
+                f"Put {ALEXNET_FILE} (from {torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url}) at {hub}, "
+                "or pass --weights PATH to the file, or --weights none to start from random initialisation."
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"AlexNet weights file not found: {path} (use 'imagenet', 'none' or a path to a .pth)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+class SegmentEmbedder(nn.Module):
+    """AlexNet up to FC7: images [N, C, 227, 227] -> features [N, 4096]."""
+
+    def __init__(self, n_classes: int, weights: str = "none"):
+        super().__init__()
+        alex = torchvision.models.alexnet(weights=None)
+        state = alexnet_state_dict(weights)
+        if state is not None:
+            alex.load_state_dict(state)
+        self.features = alex.features
+        self.avgpool = alex.avgpool
+        self.fc = alex.classifier[:6]  # dropout, FC6, ReLU, dropout, FC7, ReLU
+        self.classify = nn.Linear(4096, n_classes)  # stage-1 fine-tuning layer only
+        self.out_dim = 4096
+        self.input_size: int | None = None  # None: the front-end's image_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(_to_three_channels(images))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.forward(images))
+
+
+class BaselineEmbedder(nn.Module):
+    """2-CNN part of the baseline: segments [N, C, 64, 64] -> [N, 32*13*13]."""
+
+    def __init__(self, channels: int, segment_frames: int = 64, n_mels: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        h = ((n_mels - 4) // 2 - 4) // 2
+        w = ((segment_frames - 4) // 2 - 4) // 2
+        self.out_dim = 32 * h * w
+        self.input_size = 0  # 0: the raw segment, no resize
+
+    def forward(self, segs: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.net(segs), 1)
+
+
+# --- heads -------------------------------------------------------------------------
+def _lstm_run(proj: torch.Tensor, w_hh: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """One LSTM direction over precomputed input projections.
+
+    proj: [B, S, 4H] = x W_ih^T + b_ih + b_hh (PyTorch gate order i, f, g, o);
+    w_hh: [4H, H]. Returns hidden states [B, S, H] in time order.
+    """
+    B, S, H4 = proj.shape
+    H = H4 // 4
+    h = proj.new_zeros(B, H)
+    c = proj.new_zeros(B, H)
+    out = [None] * S
+    steps = range(S - 1, -1, -1) if reverse else range(S)
+    for t in steps:
+        g = proj[:, t] + h @ w_hh.t()
+        i, f, gg, o = g.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        out[t] = h
+    return torch.stack(out, dim=1)
+
+
+def _input_projection(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] -> [..., dirs, 4H]: the part of each LSTM step that depends on its input alone."""
+    sfx = ["", "_reverse"][: 2 if lstm.bidirectional else 1]
+    return torch.stack([
+        F.linear(x, getattr(lstm, f"weight_ih_l0{s}"), getattr(lstm, f"bias_ih_l0{s}") + getattr(lstm, f"bias_hh_l0{s}"))
+        for s in sfx], dim=-2)
+
+
+class AttentionHead(nn.Module):
+    """Utterance features [B, S, D] -> (logits [B, K], attention [B, S])."""
+
+    def __init__(self, cfg: ModelConfig, in_dim: int):
+        super().__init__()
+        H = cfg.lstm_hidden
+        self.attention = cfg.attention
+        self.lstm = nn.LSTM(in_dim, H, batch_first=True, bidirectional=True)
+        self.mu = nn.Linear(2 * H, 1, bias=False)  # eq. (4)'s mu
+        layers, d = [], 2 * H
+        for i, width in enumerate(cfg.dnn):
+            layers += [nn.Linear(d, width), nn.ReLU(inplace=True)]
+            if i == 0:
+                layers.append(nn.Dropout(cfg.dropout))
+            d = width
+        layers.append(nn.Linear(d, cfg.n_classes))
+        self.dnn = nn.Sequential(*layers)
+
+    def _pool(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.attention:
+            alpha = torch.softmax(self.mu(y).squeeze(-1), dim=1)  # eq. (4)
+        else:
+            alpha = y.new_full(y.shape[:2], 1.0 / y.shape[1])  # mean pooling (Table 3 ablation)
+        z = (alpha.unsqueeze(-1) * y).sum(dim=1)  # eq. (5)
+        return self.dnn(z), alpha
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, _ = self.lstm(x)
+        return self._pool(y)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-segment input projection [..., D] -> [..., 2, 4H]; cacheable once per segment."""
+        return _input_projection(self.lstm, x)
+
+    def infer(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as ``forward`` from cached projections [B, S, 2, 4H].
+
+        Both directions are re-run over the window each time: the forward LSTM
+        starts from a zero state at the window's first segment, and the backward
+        one from its last, so neither state carries over from the previous window.
+        Only the input projections (the 4096 x 512 matmuls) are reused.
+        """
+        fwd = _lstm_run(proj[:, :, 0], self.lstm.weight_hh_l0, reverse=False)
+        bwd = _lstm_run(proj[:, :, 1], self.lstm.weight_hh_l0_reverse, reverse=True)
+        return self._pool(torch.cat([fwd, bwd], dim=-1))
+
+
+class BaselineHead(nn.Module):
+    """LSTM 512 over the segments' CNN features, last state -> dropout 0.5 -> classes."""
+
+    def __init__(self, cfg: ModelConfig, in_dim: int):
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, cfg.baseline_lstm, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.baseline_lstm, cfg.n_classes)
+
+    def _finish(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last = torch.zeros(y.shape[:2], device=y.device, dtype=y.dtype)
+        last[:, -1] = 1.0  # the prediction reads the last state: all weight on the last segment
+        return self.out(self.drop(y[:, -1])), last
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, _ = self.lstm(x)
+        return self._finish(y)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return _input_projection(self.lstm, x)
+
+    def infer(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._finish(_lstm_run(proj[:, :, 0], self.lstm.weight_hh_l0, reverse=False))
+
+
+# --- the model ---------------------------------------------------------------------
+class EmotionModel(nn.Module):
+    """Front-end + segment embedder + utterance head.
+
+    ``predict(wave)`` takes [B, N] or a list of [N_i] 16 kHz waves, fits each to
+    the 3 s utterance (truncate / zero-pad), and returns probabilities [B, K].
+    ``meta`` is a JSON-like dict saved with the checkpoint (what it was trained on).
+    """
+
+    def __init__(self, frontend_config: FrontendConfig | None = None, model_config: ModelConfig | None = None,
+                 weights: str = "none"):
+        super().__init__()
+        self.frontend_config = frontend_config or FrontendConfig()
+        self.model_config = mc = model_config or ModelConfig()
+        self.frontend = Frontend(self.frontend_config)
+        if mc.arch == "dcnn_blstmwa":
+            self.embedder = SegmentEmbedder(mc.n_classes, weights)
+            self.head = AttentionHead(mc, self.embedder.out_dim)
+        else:
+            fc = self.frontend_config
+            self.embedder = BaselineEmbedder(fc.channels, fc.segment_frames, fc.n_mels)
+            self.head = BaselineHead(mc, self.embedder.out_dim)
+        self.meta: dict = {}
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.model_config.labels
+
+    @property
+    def device(self) -> torch.device:
+        return self.frontend.window.device
+
+    def images(self, segments: torch.Tensor) -> torch.Tensor:
+        """Segments [..., C, M, L] -> what the embedder takes."""
+        if self.embedder.input_size == 0:
+            return segments
+        return self.frontend.images(segments)
+
+    def embed(self, segments: torch.Tensor) -> torch.Tensor:
+        """Segments [..., C, M, L] -> segment features [..., D]."""
+        lead = segments.shape[:-3]
+        feats = self.embedder(self.images(segments.reshape(-1, *segments.shape[-3:])))
+        return feats.reshape(*lead, feats.shape[-1])
+
+    def forward(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segments [B, S, C, M, L] -> (logits [B, K], attention [B, S])."""
+        return self.head(self.embed(segments))
+
+    @torch.no_grad()
+    def predict(self, wave: torch.Tensor | list[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+        """Utterance probabilities [B, K] (eval mode, no gradients)."""
+        was_training = self.training
+        self.eval()
+        waves = list(wave) if not isinstance(wave, torch.Tensor) or wave.dim() == 2 else [wave]
+        out = []
+        try:
+            for i in range(0, len(waves), batch_size):
+                segs = self.frontend.utterance_segments([w.to(self.device) for w in waves[i:i + batch_size]])
+                logits, _ = self(segs)
+                out.append(torch.softmax(logits.float(), dim=-1))
+        finally:
+            self.train(was_training)
+        return torch.cat(out).cpu() if out else torch.zeros(0, len(self.labels))
+
+    def describe(self) -> str:
+        """One line for dashboards and logs: architecture and what it was trained on."""
+        mc = self.model_config
+        trained = self.meta.get("trained_on", "untrained (random initialisation)")
+        return f"{mc.arch} ({len(mc.labels)} classes) — {trained}"
+
+
+# --- checkpoints -------------------------------------------------------------------
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: w ~= q * scale[:, None]."""
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+def save_checkpoint(model: EmotionModel, path: str | Path, compact: bool = False) -> Path:
+    """Write one self-describing file: configs, labels, meta, normalisation statistics, weights.
+
+    ``compact``: matrices with >= 65 536 entries as int8 + per-row scales, the other
+    floating tensors as float16 (about a quarter of the size; dequantised at load).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state, scales = {}, {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if compact and v.is_floating_point():
+            if v.dim() == 2 and v.numel() >= 65_536:
+                state[k], scales[k] = _quantize_rows(v.float())
+                continue
+            if not k.startswith("frontend."):
+                v = v.half()
+        state[k] = v.clone()
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "frontend_config": model.frontend_config.to_dict(),
+        "model_config": model.model_config.to_dict(),
+        "labels": list(model.labels),
+        "meta": dict(model.meta),
+        "compact": compact,
+        "state_dict": state,
+        "scales": scales,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> EmotionModel:
+    """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint not found: {path}. Train one with `ser-offline train --corpus emodb --data DIR "
+            f"--out {path.name}`, or leave out --checkpoint to use the bundled default model.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not a stream_ser checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    try:
+        fc = FrontendConfig.from_dict(payload["frontend_config"])
+        mc = ModelConfig.from_dict(payload["model_config"])
+        model = EmotionModel(fc, mc, weights="none")
+        state = {}
+        ref = model.state_dict()
+        for k, v in payload["state_dict"].items():
+            if k in payload.get("scales", {}):
+                v = v.float() * payload["scales"][k][:, None]
+            state[k] = v.to(ref[k].dtype) if k in ref else v
+        model.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: checkpoint is damaged or from an incompatible version ({str(e)[:300]})") from None
+    model.meta = dict(payload.get("meta") or {})
+    return model.to(device).eval()

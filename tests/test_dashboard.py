@@ -1,0 +1,61 @@
+"""The dashboard renders predictions and status to a plain console with the expected labels and numbers."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from stream_ser import protocol as P
+from stream_ser.dashboard import DashboardState, render
+
+LABELS = ["anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral"]
+
+
+def _pred(seq, label, conf, activity=0.9):
+    probs = {lab: (conf if lab == label else (1 - conf) / 6) for lab in LABELS}
+    return P.prediction({"seq": seq, "window_start_s": 0.32 * (seq - 1), "window_end_s": 0.32 * (seq - 1) + 2.895,
+                         "probabilities": probs, "label": label, "confidence": conf, "attention": [0.125] * 8,
+                         "speech_activity": activity, "level_dbfs": -23.4,
+                         "timings_ms": {"frontend": 1.2, "embed": 12.5, "head": 0.9, "total": 17.3}, "stream": None})
+
+
+def _text(state) -> str:
+    console = Console(record=True, width=120, force_terminal=False, color_system=None)
+    console.print(render(state))
+    return console.export_text()
+
+
+def test_render_sequence_of_predictions():
+    s = DashboardState()
+    s.update(P.hello(LABELS, "dcnn_blstmwa (7 classes) — emodb test", {}, 0.32, 3.0))
+    before = _text(s)
+    assert "waiting for the first prediction" in before and "emodb test" in before
+    for i, (lab, c) in enumerate([("anger", 0.61), ("anger", 0.7), ("sadness", 0.83)], start=1):
+        s.update(_pred(i, lab, c))
+    s.update(P.status(overruns=3, lost_samples=480, dropped_total=0, subscribers=2,
+                      latency_ms={"p50": 17.3, "p95": 20.1, "p99": 25.9}, source="file: x.wav"))
+    out = _text(s)
+    assert "SADNESS" in out and "83.0%" in out
+    for lab in LABELS:
+        assert lab in out
+    assert "2.8%" in out  # (1 - 0.83) / 6 for the other labels
+    assert "AAS" in out  # history: anger, anger, sadness
+    assert "-23.4 dBFS" in out and "90%" in out
+    assert "p50 17.3 / p95 20.1 / p99 25.9" in out and "overruns 3 (480 samples)" in out
+    assert "subscribers 2" in out and "#3" in out
+
+
+def test_silence_and_end_are_shown():
+    s = DashboardState()
+    s.update(_pred(1, "neutral", 0.4, activity=0.0))
+    s.update(P.end("source ended"))
+    out = _text(s)
+    assert "(silence)" in out and "NEUTRAL" not in out
+    assert "stream ended: source ended" in out
+
+
+def test_history_keeps_about_thirty_seconds():
+    s = DashboardState()
+    for i in range(1, 201):
+        s.update(_pred(i, "fear", 0.5))
+    span = s.history[-1][0] - s.history[0][0]
+    assert 29 <= span <= 30 and len(s.history) < 100

@@ -1,0 +1,215 @@
+"""End to end: the `stream-ser` command with real websocket clients, a real file, and PortAudio via ALSA."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from websockets.asyncio.client import connect
+
+from stream_ser import protocol as P
+from stream_ser.audio import load_audio
+from stream_ser.model import EmotionModel, save_checkpoint
+
+BIN = Path(sys.executable).parent
+FILE = "16b01Tb"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(99)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(EmotionModel(), path)
+    return path
+
+
+def _start(args, env=None):
+    proc = subprocess.Popen([str(BIN / "stream-ser"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    line = proc.stdout.readline()
+    m = re.search(r"websocket (ws://\S+)", line)
+    if not m:
+        proc.kill()
+        raise AssertionError(f"no websocket address in {line!r}; stderr: {proc.stderr.read()}")
+    proc.first_line = line
+    return proc, m.group(1)
+
+
+async def _collect(url, until_end=True, n=None, timeout=60.0):
+    msgs = []
+    async with connect(url) as ws:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            m = P.decode(await asyncio.wait_for(ws.recv(), timeout), allowed=P.SERVER_TYPES)
+            msgs.append(m)
+            if until_end and m["type"] == "end":
+                break
+            if n and sum(x["type"] == "prediction" for x in msgs) >= n:
+                break
+    return msgs
+
+
+def test_live_file_replay_broadcasts_predictions_every_hop(checkpoint, emodb_wav):
+    wav = emodb_wav(FILE)
+    t0 = time.monotonic()
+    proc, url = _start(["live", "--source", str(wav), "--checkpoint", str(checkpoint), "--no-dashboard",
+                        "--port", "0", "--wait-for-subscriber"])
+    msgs = asyncio.run(_collect(url))
+    out, err = proc.communicate(timeout=30)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, err
+    assert msgs[0]["type"] == "hello" and msgs[-1]["type"] == "end" and msgs[-1]["reason"] == "source ended"
+    preds = [m for m in msgs if m["type"] == "prediction"]
+    assert [p["seq"] for p in preds] == [1, 2, 3, 4, 5]
+    starts = np.array([p["window_start_s"] for p in preds])
+    np.testing.assert_allclose(np.diff(starts), 0.32, atol=1e-9)  # one prediction per 320 ms of stream time
+    assert elapsed > 4.0  # replayed at real-time pace (4.4 s of audio)
+    # the process ran the checkpoint's model: the offline prediction for each window
+    model = EmotionModel()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
+    x = load_audio(wav)
+    ref = model.predict([x[5120 * k: 5120 * k + 48000] for k in range(5)]).numpy()
+    got = np.array([[p["probabilities"][lab] for lab in model.labels] for p in preds])
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    lines = [ln for ln in out.splitlines() if ln.startswith("#")]
+    assert len(lines) == 5 and "latency" in lines[0]
+    assert "1.00 per segment" in out  # each segment embedded once
+
+
+def test_watch_shows_the_dashboard(checkpoint, emodb_wav):
+    proc, url = _start(["live", "--source", str(emodb_wav(FILE)), "--checkpoint", str(checkpoint),
+                        "--no-dashboard", "--fast", "--port", "0", "--wait-for-subscriber"])
+    watch = subprocess.run([str(BIN / "stream-ser"), "watch", url], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "COLUMNS": "120"})
+    proc.communicate(timeout=30)
+    assert watch.returncode == 0, watch.stderr
+    for lab in EmotionModel().labels:
+        assert lab in watch.stdout
+    assert "stream ended: source ended" in watch.stdout and "#5" in watch.stdout
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    r = subprocess.run([str(BIN / "stream-ser"), "live", "--source", "x.wav", "--checkpoint",
+                        str(tmp_path / "nope.pt")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr and "ser-offline train" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_and_bad_source_are_clear_errors(tmp_path, checkpoint):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage" * 100)
+    r = subprocess.run([str(BIN / "stream-ser"), "live", "--checkpoint", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    wav = tmp_path / "broken.wav"
+    wav.write_bytes(b"RIFF\x00\x00")
+    r = subprocess.run([str(BIN / "stream-ser"), "live", "--checkpoint", str(checkpoint), "--source", str(wav)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "broken.wav" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_watch_without_server_is_a_clear_error():
+    r = subprocess.run([str(BIN / "stream-ser"), "watch", "ws://127.0.0.1:9"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "cannot connect" in r.stdout
+
+
+# --- PortAudio through ALSA's file plugin ------------------------------------------
+ASOUND = """
+pcm.!default {{
+    type plug
+    slave {{ pcm "filein"; format S16_LE; rate 16000; channels 1 }}
+}}
+pcm.filein {{
+    type file
+    slave.pcm "nullpcm"
+    file "/dev/null"
+    infile "{raw}"
+    format "raw"
+}}
+pcm.nullpcm {{ type null }}
+"""
+
+
+@pytest.fixture()
+def alsa_mic(tmp_path, emodb_wav):
+    if not ctypes.util.find_library("portaudio"):
+        pytest.skip("libportaudio2 is not installed (scripts/setup.sh installs it as root)")
+    x, rate = sf.read(emodb_wav(FILE), dtype="int16")
+    raw = tmp_path / "mic.raw"
+    raw.write_bytes(np.tile(x, 20).astype("<i2").tobytes())  # enough speech that the mic never runs dry
+    conf = tmp_path / "asound.conf"
+    conf.write_text(ASOUND.format(raw=raw))
+    return {"ALSA_CONFIG_PATH": str(conf)}, x
+
+
+def test_portaudio_records_real_samples_from_the_alsa_file_device(alsa_mic):
+    env, x = alsa_mic
+    code = """
+import time, numpy as np
+from stream_ser.capture import MicSource
+src = MicSource(None)
+src.start()
+got = []
+while sum(map(len, got)) < 32000:
+    r = src.read()
+    if r is None:
+        time.sleep(0.002)
+    else:
+        got.append(r[0])
+src.stop()
+np.save("OUT", np.concatenate(got))
+print(src.name, src.rate, src.callbacks)
+"""
+    out_path = Path(env["ALSA_CONFIG_PATH"]).with_name("rec.npy")
+    r = subprocess.run([sys.executable, "-c", code.replace("OUT", str(out_path))], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    assert "default" in r.stdout and " 16000 " in r.stdout
+    rec = np.load(out_path)
+    ref = x.astype(np.float32) / 32768.0
+    # the first block is the file's first samples, bit for bit (16-bit PCM -> float32)
+    np.testing.assert_array_equal(rec[:1024], ref[:1024])
+    # PortAudio's mmap reads through ALSA's unpaced null device skip ahead in the file, so later
+    # blocks are checked to be the file's samples, not to be contiguous
+    found = 0
+    blocks = range(2048, 30000, 1024)
+    tiled = np.tile(ref, 2)
+    for s in blocks:
+        blk = rec[s:s + 64]
+        if np.abs(blk).max() > 0.01:
+            win = np.lib.stride_tricks.sliding_window_view(tiled, 64)
+            found += bool(np.any(np.all(win == blk, axis=1)))
+    assert found >= len(blocks) // 2
+
+
+def test_live_from_the_microphone_through_portaudio(alsa_mic, checkpoint):
+    env, _ = alsa_mic
+    devices = subprocess.run([str(BIN / "stream-ser"), "devices"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **env})
+    assert devices.returncode == 0 and "default" in devices.stdout
+    proc, url = _start(["live", "--source", "mic", "--checkpoint", str(checkpoint), "--no-dashboard", "--port", "0"],
+                       env)
+    try:
+        msgs = asyncio.run(_collect(url, until_end=False, n=3, timeout=60))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    preds = [m for m in msgs if m["type"] == "prediction"]
+    assert len(preds) >= 3 and [p["seq"] for p in preds] == list(range(1, len(preds) + 1))
+    assert all(p["speech_activity"] > 0 for p in preds)  # real speech came through, not silence
+    assert "source: microphone: default" in proc.first_line
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("stopped:") and "1.00 per segment" in last and "overruns" in last

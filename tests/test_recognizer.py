@@ -1,0 +1,146 @@
+"""Streaming equals offline (invariant 1), each segment embedded once (invariant 3), reset, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stream_ser.audio import AudioError, load_audio
+from stream_ser.config import FrontendConfig
+from stream_ser.model import EmotionModel
+from stream_ser.recognizer import StreamingRecognizer
+
+FILE = "16b01Tb"  # 4.4 s of real speech: 12 segments, 5 windows
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1234)
+    return EmotionModel().eval()
+
+
+@pytest.fixture(scope="module")
+def audio(emodb_wav):
+    return load_audio(emodb_wav(FILE)).numpy()
+
+
+@pytest.fixture(scope="module")
+def offline(model, audio):
+    """The offline model's prediction for the 3 s starting at sample 5120 k, for every window the stream can fill."""
+    cfg = model.frontend_config
+    n_windows = cfg.segments_for_frames(cfg.frames_for(len(audio))) - cfg.segments_per_utterance + 1
+    waves = [torch.from_numpy(audio[cfg.shift_samples * k: cfg.shift_samples * k + cfg.utterance_samples])
+             for k in range(n_windows)]
+    return model.predict(waves).numpy()
+
+
+def _run(rec: StreamingRecognizer, audio: np.ndarray, sizes) -> list:
+    preds, i = [], 0
+    for n in sizes:
+        if i >= len(audio):
+            break
+        preds += rec.push(audio[i:i + n])
+        i += n
+    assert i >= len(audio)
+    return preds
+
+
+def _chunks(kind, n):
+    if kind == "random":
+        rng = np.random.default_rng(7)
+        return rng.integers(1, 6000, size=n)
+    return [kind] * (n // kind + 1)
+
+
+@pytest.mark.parametrize("chunk", [1, 160, 1000, 4096, "random"])
+def test_stream_equals_offline_for_any_chunking(model, audio, offline, chunk):
+    rec = StreamingRecognizer(model)
+    preds = _run(rec, audio, _chunks(chunk, len(audio)))
+    assert len(preds) == len(offline) == 5
+    got = np.array([[p.probabilities[lab] for lab in model.labels] for p in preds])
+    np.testing.assert_allclose(got, offline, atol=1e-4, rtol=0)
+    hop = model.frontend_config.hop_s
+    for k, p in enumerate(preds):
+        assert p.seq == k + 1
+        assert p.window_start_s == pytest.approx(k * hop)
+        assert p.window_end_s == pytest.approx(k * hop + 10480 * 8 / 16000 - 7 * (10480 - 5120) / 16000)
+        assert p.label == model.labels[int(np.argmax(got[k]))]
+        assert len(p.attention) == 8 and sum(p.attention) == pytest.approx(1, abs=1e-5)
+        assert set(p.timings_ms) == {"frontend", "embed", "head", "total"}
+
+
+def test_each_segment_embedded_exactly_once(model, audio, monkeypatch):
+    calls = []
+    real = model.embedder.forward
+
+    def counting(images):
+        calls.append(images.shape[0])
+        return real(images)
+
+    monkeypatch.setattr(model.embedder, "forward", counting)
+    rec = StreamingRecognizer(model)
+    preds = _run(rec, audio, _chunks(160, len(audio)))
+    cfg = model.frontend_config
+    n_segments = cfg.segments_for_frames(cfg.frames_for(len(audio)))
+    assert sum(calls) == n_segments == rec.segments_embedded == rec.segments_seen == 12
+    assert rec.counters["predictions"] == len(preds) == n_segments - 7
+    assert max(calls) == 1  # 160-sample chunks complete one segment at a time
+
+
+def test_reset_starts_a_new_stream(model, audio):
+    rec = StreamingRecognizer(model)
+    first = _run(rec, audio, _chunks(4096, len(audio)))
+    rec.push(np.random.default_rng(0).standard_normal(20000).astype(np.float32) * 0.1)  # half a window of noise
+    rec.reset()
+    again = _run(rec, audio, _chunks(4096, len(audio)))
+    assert [p.seq for p in again] == [p.seq for p in first]
+    np.testing.assert_allclose([p.confidence for p in again], [p.confidence for p in first], atol=1e-6)
+    cfg = model.frontend_config
+    with_noise = cfg.segments_for_frames(cfg.frames_for(len(audio) + 20000))
+    assert with_noise == 16
+    assert rec.segments_embedded == with_noise + 12  # counters keep counting across reset
+
+
+def test_silence_is_visible_as_silence(model):
+    rec = StreamingRecognizer(model)
+    preds = rec.push(np.zeros(60000, np.float32))
+    assert preds and all(p.speech_activity == 0.0 for p in preds)
+    assert all(p.level_dbfs < -100 for p in preds)
+
+
+def test_bad_samples_raise_and_keep_state(model, audio):
+    rec = StreamingRecognizer(model)
+    rec.push(audio[:30000])
+    bad = audio[30000:31000].copy()
+    bad[5] = np.nan
+    with pytest.raises(AudioError, match="NaN"):
+        rec.push(bad)
+    with pytest.raises(AudioError, match="shape"):
+        rec.push(np.zeros((2, 3, 4), np.float32))
+    preds = rec.push(audio[30000:])  # the bad block was refused whole; the stream goes on
+    ref = StreamingRecognizer(model)
+    expect = ref.push(audio)
+    np.testing.assert_allclose([p.confidence for p in preds], [p.confidence for p in expect], atol=1e-6)
+
+
+def test_int16_and_stereo_blocks_are_accepted(model, audio):
+    rec = StreamingRecognizer(model)
+    pcm = np.clip(audio * 32767, -32768, 32767).astype(np.int16)
+    stereo = np.stack([pcm, pcm], axis=1)
+    preds = rec.push(stereo)
+    assert len(preds) == 5
+
+
+def test_utterance_normalised_model_is_refused():
+    with pytest.raises(ValueError, match="cannot run live"):
+        StreamingRecognizer(EmotionModel(FrontendConfig(normalization="utterance")))
+
+
+@pytest.mark.cuda
+def test_stream_on_cuda_equals_cpu(model, audio):
+    cpu = StreamingRecognizer(model).push(audio)
+    gpu_model = EmotionModel().eval()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu = StreamingRecognizer(gpu_model.to("cuda")).push(audio)
+    np.testing.assert_allclose([p.confidence for p in gpu], [p.confidence for p in cpu], atol=1e-3)

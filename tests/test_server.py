@@ -1,0 +1,201 @@
+"""The broadcaster with real websocket clients over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from stream_ser import protocol as P
+from stream_ser.server import Broadcaster
+
+LABELS = ["a", "b", "c"]
+
+
+def _pred(seq):
+    return P.prediction({"seq": seq, "window_start_s": 0.32 * seq, "window_end_s": 0.32 * seq + 2.9,
+                         "probabilities": {"a": 0.5, "b": 0.3, "c": 0.2}, "label": "a", "confidence": 0.5,
+                         "attention": [0.125] * 8, "speech_activity": 1.0, "level_dbfs": -20.0,
+                         "timings_ms": {"total": 1.0}, "stream": None})
+
+
+def _stuck_client(port: int) -> socket.socket:
+    """A real websocket client that completes the handshake and then never reads (small receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+def _server(**kw):
+    return Broadcaster(lambda: P.hello(LABELS, "test model", {}, 0.32, 3.0), port=0, **kw)
+
+
+async def _recv(ws, timeout=5.0):
+    return P.decode(await asyncio.wait_for(ws.recv(), timeout), allowed=P.SERVER_TYPES)
+
+
+def test_server_module_does_not_import_torch():
+    code = "import sys, stream_ser.server, stream_ser.protocol; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_hello_then_predictions_in_order():
+    async def main():
+        srv = _server()
+        await srv.start()
+        async with connect(srv.url) as ws:
+            hello = await _recv(ws)
+            assert hello["type"] == "hello" and hello["labels"] == LABELS and hello["v"] == P.PROTOCOL_VERSION
+            for i in range(1, 21):
+                srv.publish(_pred(i))
+            seqs = []
+            for _ in range(20):
+                m = await _recv(ws)
+                assert m["type"] == "prediction"
+                assert abs(sum(m["probabilities"].values()) - 1) < 1e-6 and m["label"] in LABELS
+                seqs.append(m["seq"])
+            assert seqs == list(range(1, 21))
+        await srv.close()
+    asyncio.run(main())
+
+
+def test_hundred_subscribers_all_receive_everything():
+    async def main():
+        srv = _server()
+        await srv.start()
+        clients = [await connect(srv.url) for _ in range(100)]
+        for ws in clients:
+            assert (await _recv(ws))["type"] == "hello"
+        assert len(srv.clients) == 100
+        for i in range(1, 11):
+            srv.publish(_pred(i))
+
+        async def collect(ws):
+            return [(await _recv(ws))["seq"] for _ in range(10)]
+
+        got = await asyncio.gather(*(collect(ws) for ws in clients))
+        assert all(g == list(range(1, 11)) for g in got)
+        for ws in clients:
+            await ws.close()
+        await srv.close()
+    asyncio.run(main())
+
+
+def test_subscriber_that_never_reads_does_not_delay_another():
+    async def main():
+        srv = _server(queue_size=16)
+        await srv.start()
+        stuck = await asyncio.to_thread(_stuck_client, srv.port)  # handshakes, then never reads its socket
+        good = await connect(srv.url)
+        assert (await _recv(good))["type"] == "hello"
+        big = "x" * 100_000  # padding so the stuck client's socket fills quickly
+        loop = asyncio.get_running_loop()
+        delays = []
+        for i in range(1, 301):
+            msg = _pred(i)
+            msg["pad"] = big
+            t0 = loop.time()
+            srv.publish(msg)
+            m = await _recv(good, timeout=2.0)
+            delays.append(loop.time() - t0)
+            assert m["seq"] == i
+        assert max(delays) < 0.5
+        stuck_client = min(srv.clients, key=lambda c: c.id)  # connected first
+        assert stuck_client.sent < 300
+        assert stuck_client.dropped > 0  # it lost its oldest messages instead of holding anyone up
+        srv.publish_status(P.status())
+        # the good client's status says it dropped nothing
+        st = await _recv(good)
+        assert st["type"] == "status" and st["dropped"] == 0 and st["dropped_total"] >= stuck_client.dropped
+        await good.close()
+        stuck.close()
+        await srv.close()
+    asyncio.run(main())
+
+
+def test_wrong_or_missing_token_is_refused_with_a_close_code():
+    async def main():
+        srv = _server(token="s3cret")
+        await srv.start()
+        for url, headers in [(srv.url, None), (srv.url + "/?token=nope", None),
+                             (srv.url, {"Authorization": "Bearer nope"})]:
+            async with connect(url, additional_headers=headers) as ws:
+                with pytest.raises(ConnectionClosed) as e:
+                    await _recv(ws)
+                assert e.value.rcvd.code == P.CLOSE_UNAUTHORIZED
+        async with connect(srv.url + "/?token=s3cret") as ws:
+            assert (await _recv(ws))["type"] == "hello"
+        async with connect(srv.url, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+            assert (await _recv(ws))["type"] == "hello"
+        assert srv.refused == 3
+        await srv.close()
+    asyncio.run(main())
+
+
+def test_garbage_from_a_client_gets_an_error_and_the_server_goes_on():
+    async def main():
+        srv = _server(max_message_bytes=1024)
+        await srv.start()
+        async with connect(srv.url) as ws, connect(srv.url) as other:
+            await _recv(ws)
+            await _recv(other)
+            for junk in ["not json", "[1,2]", json.dumps({"type": "launch"}), json.dumps({"type": "ping", "v": 99}),
+                         json.dumps({"type": "subscribe", "stream": 5}), b"\x00\x01binary"]:
+                await ws.send(junk)
+                m = await _recv(ws)
+                assert m["type"] == "error" and m["code"] in P.ERROR_CODES and m["message"]
+            await ws.send("x" * 5000)  # over the size limit: that connection is closed (1009) ...
+            with pytest.raises(ConnectionClosed) as e:
+                await _recv(ws)
+            assert e.value.rcvd.code == 1009
+            srv.publish(_pred(1))  # ... and the other one is still served
+            assert (await _recv(other))["seq"] == 1
+        assert srv.bad_messages_total == 6
+        await srv.close()
+    asyncio.run(main())
+
+
+def test_subscribe_to_one_stream():
+    async def main():
+        srv = _server()
+        await srv.start()
+        async with connect(srv.url) as ws:
+            await _recv(ws)
+            await ws.send(P.encode(P.subscribe("s2")))
+            await asyncio.sleep(0.1)
+            for i, s in enumerate(["s1", "s2", "s1", "s2"], start=1):
+                m = _pred(i)
+                m["stream"] = s
+                srv.publish(m, stream=s)
+            assert [(await _recv(ws))["seq"] for _ in range(2)] == [2, 4]
+        await srv.close()
+    asyncio.run(main())
+
+
+def test_close_sends_end_and_closes_cleanly():
+    async def main():
+        srv = _server()
+        await srv.start()
+        async with connect(srv.url) as ws:
+            await _recv(ws)
+            await srv.close("source ended")
+            m = await _recv(ws)
+            assert m == {"type": "end", "reason": "source ended", "v": P.PROTOCOL_VERSION}
+            with pytest.raises(ConnectionClosed) as e:
+                await _recv(ws)
+            assert e.value.rcvd.code == P.CLOSE_GOING_AWAY
+    asyncio.run(main())

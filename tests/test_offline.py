@@ -1,0 +1,251 @@
+"""Metrics, folds, augmentation isolation, checkpoints, and a small real end-to-end LOSO run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from offline import cli as offline_cli
+from offline.corpora import load_emodb, load_iemocap
+from offline.evaluate import make_folds
+from offline.metrics import confusion_matrix, recall_per_class, summarize, uar, wa
+from offline.train import FeatureBank, TrainConfig, config_from_args, train_model
+from stream_ser.config import FrontendConfig, ModelConfig
+from stream_ser.model import (ALEXNET_FILE, CheckpointError, EmotionModel, WeightsError, load_checkpoint,
+                              save_checkpoint)
+
+from test_audio_corpora import _iemocap_tree
+
+
+# --- metrics -----------------------------------------------------------------------
+def test_uar_and_wa_on_a_hand_computed_unbalanced_example():
+    # 8 of class 0 (6 right), 2 of class 1 (1 right): WA = 7/10, UAR = (6/8 + 1/2) / 2 = 0.625
+    y_true = [0] * 8 + [1] * 2
+    y_pred = [0] * 6 + [1] * 2 + [1, 0]
+    cm = confusion_matrix(y_true, y_pred, 2)
+    assert cm.tolist() == [[6, 2], [1, 1]]
+    assert wa(cm) == pytest.approx(0.7)
+    assert uar(cm) == pytest.approx(0.625)
+    assert uar(cm) != wa(cm)
+
+
+def test_absent_class_is_left_out_of_uar():
+    cm = confusion_matrix([0, 0, 2], [0, 1, 2], 3)
+    r = recall_per_class(cm)
+    assert r[0] == 0.5 and np.isnan(r[1]) and r[2] == 1.0
+    assert uar(cm) == pytest.approx(0.75)
+
+
+def test_summary_averages_runs_within_a_fold_then_folds():
+    runs = [{"fold": "a", "uar": 0.5, "confusion": [[1, 1], [0, 0]]},
+            {"fold": "a", "uar": 0.7, "confusion": [[1, 0], [0, 0]]},
+            {"fold": "b", "uar": 0.9, "confusion": [[0, 0], [1, 2]]}]
+    s = summarize(runs, ["x", "y"])
+    assert s["fold_uar"] == {"a": pytest.approx(0.6), "b": pytest.approx(0.9)}
+    assert s["uar_mean"] == pytest.approx(0.75)
+    assert s["uar_std"] == pytest.approx(np.std([0.6, 0.9], ddof=1))
+    assert s["confusion"] == [[2, 1], [1, 2]] and s["pooled_wa"] == pytest.approx(4 / 6)
+
+
+# --- folds -------------------------------------------------------------------------
+def test_emodb_loso_folds_are_disjoint(emodb_dir):
+    corpus = load_emodb(emodb_dir)
+    folds = make_folds(corpus)
+    assert len(folds) == 10
+    assert sorted(f.test[0] for f in folds) == corpus.speakers
+    for f in folds:
+        assert len(f.test) == 1 and len(f.val) == 1 and len(f.train) == 8
+        assert not (set(f.test) & set(f.val)) and not (set(f.train) & (set(f.test) | set(f.val)))
+        assert set(f.train) | set(f.test) | set(f.val) == set(corpus.speakers)
+
+
+def test_session_folds_keep_sessions_apart(tmp_path):
+    _iemocap_tree(tmp_path)
+    corpus = load_iemocap(tmp_path)
+    folds = make_folds(corpus)
+    assert [f.name for f in folds] == ["Ses01", "Ses02"]
+    for f in folds:
+        sess = f.name
+        assert all(s.startswith(sess) for s in f.test)
+        assert not any(s.startswith(sess) for s in f.val + f.train)
+
+
+def test_presets_and_overrides():
+    cfg = config_from_args("quick", {"stage1_epochs": 7, "weights": None})
+    assert cfg.stage1_epochs == 7 and cfg.weights == "none" and cfg.preset == "quick"
+    paper = config_from_args("paper", {})
+    assert (paper.stage1_batch, paper.stage1_epochs, paper.stage1_lr) == (128, 20, 1e-4)
+    assert (paper.stage2_batch, paper.stage2_epochs, paper.stage2_lr) == (16, 30, 5e-6)
+    assert paper.speeds == (0.8, 0.9, 1.0, 1.1, 1.2) and paper.image_size == 227
+    with pytest.raises(ValueError, match="1.0"):
+        TrainConfig(speeds=(0.9, 1.1))
+
+
+# --- training on a small real subset -----------------------------------------------
+TINY = dict(stage1_epochs=1, stage2_epochs=2, stage1_batch=16, image_size=64, runs=1, weights="none")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(emodb_dir):
+    corpus = load_emodb(emodb_dir)
+    keep = {"03", "08", "09"}
+    seen = {}
+
+    def pick(u):
+        if u.speaker not in keep:
+            return False
+        seen[u.speaker] = seen.get(u.speaker, 0) + 1
+        return seen[u.speaker] <= 5
+    return corpus.subset(pick)
+
+
+def test_augmentation_never_touches_validation_or_test(small_corpus, tmp_path):
+    cfg = TrainConfig(preset="quick", speeds=(0.9, 1.0, 1.1), **TINY)
+    bank = FeatureBank(small_corpus, cfg.frontend_config(), tmp_path, torch.device("cpu"), log=lambda m: None)
+    by = {s: [u for u in small_corpus.utterances if u.speaker == s] for s in ("03", "08", "09")}
+    train_model(bank, by["03"], by["08"], cfg, torch.device("cpu"), seed=0, log=lambda m: None)
+    train_ids = {u.uid for u in by["03"]}
+    for speed in (0.9, 1.1):
+        assert set(bank._mem[speed]) == train_ids  # perturbed audio only for training speakers
+    assert {u.uid for u in by["08"]} <= set(bank._mem[1.0])
+    assert not ({u.uid for u in by["09"]} & set().union(*map(set, bank._mem.values())))
+
+
+def test_training_is_reproducible_and_checkpoint_round_trips(small_corpus, tmp_path):
+    cfg = TrainConfig(preset="quick", speeds=(1.0,), **TINY)
+    dev = torch.device("cpu")
+    utts = small_corpus.utterances
+    tr = [u for u in utts if u.speaker != "09"]
+    va = [u for u in utts if u.speaker == "09"]
+    bank = FeatureBank(small_corpus, cfg.frontend_config(), tmp_path, dev, log=lambda m: None)
+    m1, _ = train_model(bank, tr, va, cfg, dev, seed=5, log=lambda m: None)
+    m2, _ = train_model(bank, tr, va, cfg, dev, seed=5, log=lambda m: None)
+    from stream_ser.audio import load_audio
+    waves = [load_audio(u.path) for u in va[:3]]
+    p1, p2 = m1.predict(waves), m2.predict(waves)
+    torch.testing.assert_close(p1, p2)
+    path = save_checkpoint(m1, tmp_path / "m.pt")
+    back = load_checkpoint(path)
+    assert back.frontend_config == m1.frontend_config and back.labels == m1.labels
+    torch.testing.assert_close(back.predict(waves), p1)
+    small = save_checkpoint(m1, tmp_path / "m8.pt", compact=True)
+    assert small.stat().st_size < path.stat().st_size / 3
+    assert (load_checkpoint(small).predict(waves) - p1).abs().max() < 0.02
+
+
+def test_loso_end_to_end_writes_results_report_and_plot(emodb_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["loso", "--corpus", "emodb", "--data", str(emodb_dir), "--preset", "quick", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--max-per-speaker", "4", "--folds", "03,08,16",
+            "--stage1-epochs", "1", "--stage2-epochs", "2", "--image-size", "64"]
+    assert offline_cli.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["preset"] == "quick" and res["config"]["stage1_epochs"] == 1 and res["config"]["image_size"] == 64
+    assert [r["fold"] for r in res["fold_runs"]] == ["03", "08", "16"]
+    for r in res["fold_runs"]:
+        assert 0 <= r["uar"] <= 1 and len(r["predictions"]["pred"]) == 4 and r["test"] == [r["fold"]]
+        assert r["val"][0] not in r["train"] and r["fold"] not in r["train"]
+    s = res["summary"]
+    assert np.asarray(s["confusion"]).sum() == 12 and res["machine"]["torch"] == torch.__version__
+    report = (out / "report.md").read_text()
+    assert "UAR, mean ± std over folds" in report and "81.31" in report  # the paper's no-pretraining figure
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "run.log").read_text().count("test UAR") == 3
+    # resuming recomputes nothing
+    assert offline_cli.main(args) == 0
+    assert (out / "run.log").read_text().count("done before") == 3
+    assert json.loads((out / "results.json").read_text())["summary"]["uar_mean"] == s["uar_mean"]
+    # report rewrite and comparison
+    assert offline_cli.main(["report", str(out), str(out), "--compare"]) == 0
+    assert "UAR mean ± std" in capsys.readouterr().out
+
+
+def test_train_command_writes_a_deployable_checkpoint(emodb_dir, tmp_path):
+    out = tmp_path / "model.pt"
+    assert offline_cli.main(["train", "--corpus", "emodb", "--data", str(emodb_dir), "--out", str(out),
+                             "--cache-dir", str(tmp_path / "cache"), "--max-per-speaker", "2", "--stage1-epochs", "1",
+                             "--stage2-epochs", "1", "--image-size", "64", "--val-speaker", "03"]) == 0
+    model = load_checkpoint(out)
+    assert "emodb" in model.meta["trained_on"] and model.meta["val_speakers"] == ["03"]
+    assert len(model.meta["speakers"]) == 9 and model.frontend_config.image_size == 64
+
+
+def test_bad_corpus_and_unknown_speaker_are_clear_errors(tmp_path, emodb_dir, capsys):
+    assert offline_cli.main(["loso", "--corpus", "emodb", "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "EMO-DB" in capsys.readouterr().err
+    assert offline_cli.main(["train", "--corpus", "emodb", "--data", str(emodb_dir), "--out", str(tmp_path / "m.pt"),
+                             "--val-speaker", "99"]) == 2
+    assert "99" in capsys.readouterr().err
+
+
+# --- checkpoints and weights -------------------------------------------------------
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(os.urandom(1000))
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"model": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a stream_ser checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alex.pt")
+    with pytest.raises(CheckpointError, match="not a stream_ser checkpoint"):
+        load_checkpoint(tmp_path / "alex.pt")
+    m = EmotionModel(model_config=ModelConfig(labels=("a", "b")))
+    p = save_checkpoint(m, tmp_path / "ok.pt")
+    blob = torch.load(p, weights_only=True)
+    del blob["state_dict"]["head.mu.weight"]
+    torch.save(blob, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(tmp_path / "damaged.pt")
+    # truncated file
+    (tmp_path / "cut.pt").write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_checkpoint_keeps_configs_labels_and_corpus_statistics(tmp_path):
+    fc = FrontendConfig(normalization="corpus", channels=2, segment_frames=32, segment_shift=16, image_size=96)
+    m = EmotionModel(fc, ModelConfig(labels=("x", "y", "z"), attention=False))
+    m.frontend.norm_mean.fill_(1.5)
+    m.meta = {"trained_on": "test"}
+    back = load_checkpoint(save_checkpoint(m, tmp_path / "c.pt"))
+    assert back.frontend_config == fc and back.model_config == m.model_config
+    assert back.frontend.norm_mean.eq(1.5).all() and back.meta == {"trained_on": "test"}
+    w = torch.randn(24000) * 0.1
+    torch.testing.assert_close(back.predict(w), m.eval().predict(w))
+
+
+def test_imagenet_weights_from_the_hub_cache_or_a_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.hub.set_dir(str(tmp_path / "torch" / "hub"))
+    try:
+        with pytest.raises(WeightsError, match=ALEXNET_FILE):
+            EmotionModel(weights="imagenet")
+        ref = torchvision.models.alexnet()
+        ckpt = tmp_path / "torch" / "hub" / "checkpoints" / ALEXNET_FILE
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ref.state_dict(), ckpt)
+        m = EmotionModel(weights="imagenet")
+        torch.testing.assert_close(m.embedder.features[0].weight, ref.features[0].weight)
+        m2 = EmotionModel(weights=str(ckpt))
+        torch.testing.assert_close(m2.embedder.fc[4].weight, ref.classifier[4].weight)
+        with pytest.raises(WeightsError, match="not found"):
+            EmotionModel(weights=str(tmp_path / "missing.pth"))
+    finally:
+        torch.hub.set_dir(os.path.join(os.path.expanduser("~"), ".cache", "torch", "hub"))
+
+
+def test_baseline_and_ablation_models_predict():
+    w = torch.randn(2, 30000) * 0.1
+    for mc, fc in [(ModelConfig(arch="cnn_lstm"), FrontendConfig()),
+                   (ModelConfig(attention=False), FrontendConfig(channels=1, image_size=64)),
+                   (ModelConfig(), FrontendConfig(segment_frames=16, segment_shift=8, image_size=64))]:
+        p = EmotionModel(fc, mc).predict(w)
+        assert p.shape == (2, 7) and torch.allclose(p.sum(-1), torch.ones(2))

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from stream_ser.model import compact_copy
+
 from .corpora import Corpus
 from .metrics import summarize
 from .train import FeatureBank, TrainConfig, evaluate_model, save_json, train_model
@@ -114,13 +116,16 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
             test_u = [u for s in fold.test for u in by_spk[s]]
             model, info = train_model(bank, train_u, val_u, cfg, device, seed, log, progress)
             res = evaluate_model(model, bank, test_u, device, cfg.amp)
+            compact = evaluate_model(compact_copy(model), bank, test_u, device, cfg.amp)
             rec = {"fold": fold.name, "run": run, "seed": seed, "test": list(fold.test), "val": list(fold.val),
                    "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
+                   "compact_uar": compact["uar"], "compact_wa": compact["wa"],
                    "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"]},
                    "train_info": info, "seconds": time.time() - t0}
             save_json(path, rec)
             fold_runs.append(rec)
-            log(f"fold {fold.name} run {run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} ({rec['seconds']:.0f} s)")
+            log(f"fold {fold.name} run {run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} "
+                f"(int8 compact: UAR {compact['uar']:.4f}) ({rec['seconds']:.0f} s)")
             if outer is not None:
                 progress.advance(outer)
     results = {

@@ -57,6 +57,7 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         by_fold.setdefault(r["fold"], []).append(r["uar"])
         pooled += np.asarray(r["confusion"], dtype=np.int64)
     fold_uar = {f: float(np.mean(v)) for f, v in sorted(by_fold.items())}
+    compact = [r["compact_uar"] for r in fold_runs if r.get("compact_uar") is not None]
     m, s = mean_std(fold_uar.values())
     rec = recall_per_class(pooled)
     return {
@@ -64,4 +65,7 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         "pooled_uar": uar(pooled), "pooled_wa": wa(pooled),
         "recall": {lab: (None if math.isnan(x) else float(x)) for lab, x in zip(labels, rec)},
         "confusion": pooled.tolist(), "n_folds": len(fold_uar), "n_fold_runs": len(fold_runs),
+        # the int8 compact copy of each fold's model, on the same test speaker (mean over fold-runs)
+        "compact_uar_mean": float(np.mean(compact)) if len(compact) == len(fold_runs) and compact else None,
+        "uar_run_mean": float(np.mean([r["uar"] for r in fold_runs])) if fold_runs else float("nan"),
     }

@@ -89,7 +89,11 @@ def render_markdown(results: dict) -> str:
     ref_txt = f"{ref[1][0]:.2f} ± {ref[1][1]:.2f} ({ref[0]})" if ref else "–"
     lines += [f"| UAR, mean ± std over folds (%) | **{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}** | {ref_txt} |",
               f"| pooled UAR (%) | {100 * s['pooled_uar']:.2f} | – |",
-              f"| pooled WA (%) | {100 * s['pooled_wa']:.2f} | – |", ""]
+              f"| pooled WA (%) | {100 * s['pooled_wa']:.2f} | – |"]
+    if s.get("compact_uar_mean") is not None:
+        lines.append(f"| UAR of the int8 compact models, mean over fold-runs (%) | {100 * s['compact_uar_mean']:.2f} "
+                     f"(full precision: {100 * s['uar_run_mean']:.2f}) | – |")
+    lines.append("")
     lines += ["## UAR per fold (%)", "", "| test | validation | " + " | ".join(f"run {r}" for r in range(cfg["runs"]))
               + " | mean |", "|---|---|" + "---|" * (cfg["runs"] + 1)]
     by = {}

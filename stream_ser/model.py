@@ -298,24 +298,54 @@ def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float()
 
 
-def save_checkpoint(model: EmotionModel, path: str | Path, compact: bool = False) -> Path:
-    """Write one self-describing file: configs, labels, meta, normalisation statistics, weights.
-
-    ``compact``: matrices with >= 65 536 entries as int8 + per-row scales, the other
-    floating tensors as float16 (about a quarter of the size; dequantised at load).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state, scales = {}, {}
-    for k, v in model.state_dict().items():
+def compact_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The compact form: matrices with >= 65 536 entries as int8 + per-row scales, the other
+    floating tensors (except the front-end's buffers) as float16."""
+    out, scales = {}, {}
+    for k, v in state.items():
         v = v.detach().cpu()
-        if compact and v.is_floating_point():
+        if v.is_floating_point():
             if v.dim() == 2 and v.numel() >= 65_536:
-                state[k], scales[k] = _quantize_rows(v.float())
+                out[k], scales[k] = _quantize_rows(v.float())
                 continue
             if not k.startswith("frontend."):
                 v = v.half()
-        state[k] = v.clone()
+        out[k] = v.clone()
+    return out, scales
+
+
+def expand_state(state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
+                 like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo :func:`compact_state` (dequantise), with dtypes from ``like``."""
+    out = {}
+    for k, v in state.items():
+        if k in scales:
+            v = v.float() * scales[k][:, None]
+        out[k] = v.to(like[k].dtype) if k in like else v
+    return out
+
+
+def compact_copy(model: "EmotionModel") -> "EmotionModel":
+    """The model as it comes back from a compact checkpoint (for measuring what compaction costs)."""
+    ref = model.state_dict()
+    q, scales = compact_state(ref)
+    copy = EmotionModel(model.frontend_config, model.model_config).to(model.device)
+    copy.load_state_dict(expand_state(q, scales, ref))
+    copy.meta = dict(model.meta)
+    return copy.eval()
+
+
+def save_checkpoint(model: EmotionModel, path: str | Path, compact: bool = False) -> Path:
+    """Write one self-describing file: configs, labels, meta, normalisation statistics, weights.
+
+    ``compact``: see :func:`compact_state` (about a quarter of the size; dequantised at load).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compact:
+        state, scales = compact_state(model.state_dict())
+    else:
+        state, scales = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, {}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "frontend_config": model.frontend_config.to_dict(),
@@ -350,12 +380,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Emo
         fc = FrontendConfig.from_dict(payload["frontend_config"])
         mc = ModelConfig.from_dict(payload["model_config"])
         model = EmotionModel(fc, mc, weights="none")
-        state = {}
-        ref = model.state_dict()
-        for k, v in payload["state_dict"].items():
-            if k in payload.get("scales", {}):
-                v = v.float() * payload["scales"][k][:, None]
-            state[k] = v.to(ref[k].dtype) if k in ref else v
+        state = expand_state(payload["state_dict"], payload.get("scales", {}), model.state_dict())
         model.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: checkpoint is damaged or from an incompatible version ({str(e)[:300]})") from None

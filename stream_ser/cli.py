@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     lv = sub.add_parser("live", help="run the recognizer on the microphone or a file",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     lv.add_argument("--source", default="auto",
-                    help="mic, a WAV/FLAC path, or auto: the microphone if an input device exists, else the bundled sample")
+                    help="mic, a WAV/FLAC path, none (websocket producers only), or auto: the microphone if an input "
+                         "device exists, else the bundled sample")
     lv.add_argument("--checkpoint", default=None,
                     help="model checkpoint (.pt); default: the bundled model. 'random' = untrained (pipeline tests)")
     lv.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--wait-for-subscriber", action="store_true", help="hold the source until a subscriber connects")
     lv.add_argument("--input-device", default=None, help="microphone by index or name (see `stream-ser devices`)")
     lv.add_argument("--queue-size", type=int, default=256, help="messages queued per subscriber before the oldest drop")
+    lv.add_argument("--producers", action="store_true",
+                    help="also take audio from websocket producers (binary 16-bit PCM frames; each gets a stream id)")
+    lv.add_argument("--max-frame-bytes", type=int, default=64_000, help="largest binary audio frame a producer may send")
+    lv.add_argument("--allow-fast-producers", action="store_true",
+                    help="let producers send faster than real time (e.g. to analyse files)")
     w = sub.add_parser("watch", help="show the dashboard of a running recognizer")
     w.add_argument("url", help="websocket address, e.g. ws://127.0.0.1:8765")
     w.add_argument("--token", default=None)
@@ -80,6 +86,10 @@ def open_source(args):
     from .capture import CaptureError, FileSource, MicSource
 
     spec = args.source
+    if spec == "none":
+        if not args.producers:
+            raise CaptureError("--source none needs --producers (otherwise there is no audio at all)")
+        return None
     if spec == "auto":
         try:
             return MicSource(args.input_device)
@@ -122,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     from .capture import CaptureError
     from .live import LiveApp
     from .model import CheckpointError
+    from .server import ProducerLimits
 
     try:
         model = open_model(args.checkpoint, args.device)
         source = open_source(args)
         app = LiveApp(model, source, args.host, args.port, args.token, dashboard=args.dashboard,
                       log_lines=not args.dashboard, wait_for_subscriber=args.wait_for_subscriber,
-                      queue_size=args.queue_size)
+                      queue_size=args.queue_size, producers=args.producers,
+                      limits=ProducerLimits(args.max_frame_bytes, realtime_only=not args.allow_fast_producers))
     except (CheckpointError, CaptureError, ValueError) as e:
         return _fail(str(e))
     try:

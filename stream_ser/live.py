@@ -17,36 +17,72 @@ from collections import deque
 
 from . import __version__
 from . import protocol as P
+import numpy as np
+
 from .capture import POLL_S
-from .recognizer import StreamingRecognizer
-from .server import Broadcaster
+from .engine import MultiStreamEngine
+from .server import Broadcaster, Client, ProducerLimits
 
 STATUS_EVERY_S = 1.0
 LATENCY_WINDOW = 200  # predictions in the latency percentiles
+LOCAL = "local"  # stream id of the microphone / file source
 
 
 class LiveApp:
+    """The running recognizer. ``source`` may be None when only websocket producers send audio.
+
+    All streams (the local source and any producers) go through one
+    :class:`MultiStreamEngine`, so their segments and heads are batched together.
+    """
+
     def __init__(self, model, source, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
                  dashboard: bool = True, log_lines: bool = False, wait_for_subscriber: bool = False,
-                 queue_size: int = 256, out=None, console=None):
+                 queue_size: int = 256, producers: bool = False, limits: ProducerLimits | None = None,
+                 out=None, console=None):
         self.model = model
         self.source = source
-        self.recognizer = StreamingRecognizer(model)
+        self.engine = MultiStreamEngine(model)
+        self.recognizer = self.engine.add_stream(LOCAL) if source is not None else None
         self.dashboard_on = dashboard
         self.log_lines = log_lines
         self.wait_for_subscriber = wait_for_subscriber
         self.out = out or sys.stdout
         self.console = console
         cfg = model.frontend_config
-        self.broadcaster = Broadcaster(self._hello, host, port, token, queue_size)
-        self.hello_msg = P.hello(list(model.labels), model.describe(), cfg.to_dict(), cfg.hop_s,
-                                 cfg.utterance_s,
-                                 server=f"stream_ser {__version__}")
+        self.broadcaster = Broadcaster(self._hello, host, port, token, queue_size,
+                                       on_producer=self._on_producer if producers else None,
+                                       on_audio=self._on_audio, on_disconnect=self._on_disconnect, limits=limits)
+        self.hello_msg = P.hello(list(model.labels), model.describe(), cfg.to_dict(), cfg.hop_s, cfg.utterance_s,
+                                 streams=[LOCAL] if source is not None else [], server=f"stream_ser {__version__}")
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._resamplers: dict[str, object] = {}
         self._stop = threading.Event()
         self._t0 = time.monotonic()
         self._dash = None
         self.error: BaseException | None = None
+
+    # --- producers (loop thread) ------------------------------------------------------
+    def _on_producer(self, client: Client, rate: int) -> str:
+        sid = f"p{client.id}"
+        self.engine.add_stream(sid)
+        if rate != self.model.frontend_config.sample_rate:
+            import soxr
+            self._resamplers[sid] = soxr.ResampleStream(rate, self.model.frontend_config.sample_rate, 1,
+                                                        dtype="float32")
+        return sid
+
+    def _on_audio(self, client: Client, data: bytes) -> None:
+        sid = client.producer.stream_id
+        x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        rs = self._resamplers.get(sid)
+        if rs is not None:
+            x = rs.resample_chunk(x)
+        self.engine.feed(sid, x)
+
+    def _on_disconnect(self, client: Client) -> None:
+        if client.producer is not None:
+            self.engine.remove_stream(client.producer.stream_id)
+            self._resamplers.pop(client.producer.stream_id, None)
 
     def _hello(self) -> dict:
         return self.hello_msg
@@ -55,15 +91,16 @@ class LiveApp:
     def _work(self, loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
         try:
             while not self._stop.is_set():
-                got = self.source.read()
-                if got is None:
-                    if self.source.finished:
+                got = self.source.read() if self.source is not None else None
+                if got is not None:
+                    self.engine.feed(LOCAL, got[0], got[1])
+                preds = self.engine.step()
+                for p in preds:
+                    loop.call_soon_threadsafe(self._on_prediction, p.to_dict())
+                if got is None and not preds:
+                    if self.source is not None and self.source.finished and not self.engine.pending():
                         break
                     time.sleep(POLL_S)
-                    continue
-                samples, arrival = got
-                for p in self.recognizer.push(samples, arrival):
-                    loop.call_soon_threadsafe(self._on_prediction, p.to_dict())
         except BaseException as e:  # surfaced by run(); the loop must still end
             self.error = e
         finally:
@@ -84,11 +121,13 @@ class LiveApp:
                   f"head {t['head']:.1f})", file=self.out, flush=True)
 
     def status_message(self) -> dict:
-        src = self.source.stats()
+        src = self.source.stats() if self.source is not None else {}
         return P.status(overruns=src.get("overruns", 0), lost_samples=src.get("lost_samples", 0),
                         dropped_total=self.broadcaster.dropped_total, subscribers=len(self.broadcaster.clients),
-                        latency_ms=P.percentiles(self.latencies), source=self.source.name,
-                        uptime_s=time.monotonic() - self._t0, counters=self.recognizer.counters,
+                        latency_ms=P.percentiles(self.latencies),
+                        source=self.source.name if self.source is not None else "websocket producers",
+                        uptime_s=time.monotonic() - self._t0, streams=len(self.engine.streams),
+                        counters=self.recognizer.counters if self.recognizer else {},
                         portaudio_status=src.get("portaudio_status", {}))
 
     async def _status_loop(self) -> None:
@@ -108,8 +147,9 @@ class LiveApp:
             except (NotImplementedError, RuntimeError):  # not the main thread (tests), or Windows
                 pass
         await self.broadcaster.start()
+        src = self.source.name if self.source is not None else "none (websocket producers only)"
         print(f"stream_ser {__version__}: websocket {self.broadcaster.url}  model: {self.model.describe()}  "
-              f"source: {self.source.name}", file=self.out, flush=True)
+              f"source: {src}", file=self.out, flush=True)
         if self.wait_for_subscriber:
             print("waiting for the first subscriber …", file=self.out, flush=True)
             waiter = asyncio.create_task(self.broadcaster.first_subscriber.wait())
@@ -125,7 +165,8 @@ class LiveApp:
             self._dash = LiveDashboard(self.console, self.broadcaster.url).__enter__()
             self._dash.update(self.hello_msg)
         done = asyncio.Event()
-        self.source.start()
+        if self.source is not None:
+            self.source.start()
         worker = threading.Thread(target=self._work, args=(loop, done), name="recognizer", daemon=True)
         worker.start()
         status_task = asyncio.create_task(self._status_loop())
@@ -135,7 +176,8 @@ class LiveApp:
             w.cancel()
         interrupted = stop.is_set()
         self._stop.set()
-        self.source.stop()
+        if self.source is not None:
+            self.source.stop()
         await asyncio.get_running_loop().run_in_executor(None, worker.join, 5)
         status_task.cancel()
         final = self.status_message()
@@ -146,7 +188,7 @@ class LiveApp:
             self._dash.update(P.end(reason))
             self._dash.__exit__(None, None, None)
         await self.broadcaster.close(reason)
-        c = self.recognizer.counters
+        c = final["counters"] or {"predictions": 0, "segments_seen": 0, "segments_embedded": 0}
         print(f"{reason}: {c['predictions']} predictions, {c['segments_seen']} segments, "
               f"{c['segments_embedded']} embedded ({c['segments_embedded'] / max(c['segments_seen'], 1):.2f} per segment); "
               f"overruns {final['overruns']}; latency {final['latency_ms']}", file=self.out, flush=True)

@@ -49,6 +49,7 @@ class Prediction:
     level_dbfs: float  # RMS level of the newest segment
     timings_ms: dict[str, float] = field(default_factory=dict)  # frontend, embed, head, total
     stream: str | None = None
+    t_arrival: float = 0.0  # wall clock (time.time()) when the window's last sample arrived
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,40 +172,44 @@ class StreamingRecognizer:
         self._seq = 0
 
     def push(self, samples: np.ndarray, arrival: float | None = None) -> list[Prediction]:
-        """Feed samples (16 kHz mono float32; any length); get the predictions they complete."""
+        """Feed samples (16 kHz mono float32, int16, or [N, channels]; any length); get the predictions they complete."""
         segs = self.segmenter.push(samples, arrival)
         if not segs:
             return []
-        timing = self.embed_segments(segs)
+        projections, embed_ms = self.embed_segments([s.features for s in segs])
         out = []
-        for seg, proj in zip(segs, timing.pop("projections")):
-            out += self.add_segment(seg, proj, timing["embed_ms"] / len(segs))
+        for seg, proj in zip(segs, projections):
+            if self.add_segment(seg, proj, embed_ms):
+                out.append(self.predict_window())
         return out
 
-    def embed_segments(self, segs: list[Segment]) -> dict:
-        """One embedder call for a list of segments; -> their head input projections."""
+    def embed_segments(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """One embedder call for segments [C, M, L] -> (head input projections [dirs, 4H], ms)."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = torch.stack([s.features for s in segs])
-            feats = self.model.embed(x)
-            proj = self.model.head.project(feats)
+            proj = self.model.head.project(self.model.embed(torch.stack(features)))
         self.embedder_calls += 1
-        self.segments_embedded += len(segs)
-        return {"projections": list(proj), "embed_ms": 1e3 * (time.perf_counter() - t0)}
+        self.segments_embedded += len(features)
+        return list(proj), 1e3 * (time.perf_counter() - t0)
 
-    def add_segment(self, seg: Segment, proj: torch.Tensor, embed_ms: float) -> list[Prediction]:
-        """Cache one embedded segment; predict if the window is full."""
+    def add_segment(self, seg: Segment, proj: torch.Tensor, embed_ms: float) -> bool:
+        """Cache one embedded segment; True when the window is full (a prediction is due)."""
         self.segments_seen += 1
         seg.embed_ms = embed_ms  # type: ignore[attr-defined]
         self._cache.append((proj, seg))
-        if len(self._cache) < self.window:
-            return []
+        return len(self._cache) == self.window
+
+    def window_projections(self) -> torch.Tensor:
+        """The cached projections of the current window, [S, dirs, 4H], oldest first."""
+        return torch.stack([p for p, _ in self._cache])
+
+    def predict_window(self) -> Prediction:
+        """Run the head over the cached window (call when :meth:`add_segment` returned True)."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits, alpha = self.model.head.infer(torch.stack([p for p, _ in self._cache])[None])
+            logits, alpha = self.model.head.infer(self.window_projections()[None])
             probs = torch.softmax(logits.float(), -1)[0].cpu().numpy()
-        head_ms = 1e3 * (time.perf_counter() - t0)
-        return [self.make_prediction(probs, alpha[0].cpu().numpy(), head_ms)]
+        return self.make_prediction(probs, alpha[0].cpu().numpy(), 1e3 * (time.perf_counter() - t0))
 
     def window_segments(self) -> list[Segment]:
         return [s for _, s in self._cache]
@@ -228,6 +233,7 @@ class StreamingRecognizer:
             timings_ms={"frontend": last.frontend_ms, "embed": getattr(last, "embed_ms", 0.0), "head": head_ms,
                         "total": 1e3 * (time.perf_counter() - last.arrival)},
             stream=self.stream,
+            t_arrival=time.time() - (time.perf_counter() - last.arrival),
         )
 
     @property

@@ -6,7 +6,7 @@ in its ``status`` messages) instead of slowing the recognizer or the others.
 Binds 127.0.0.1 by default; optional token (``?token=`` or ``Authorization:
 Bearer``); incoming messages are size-limited; garbage gets an ``error`` reply
 and never crashes the server. Connections that send binary audio are producers,
-handled by the ``audio`` callbacks the engine passes in (see ``stream_ser.engine``).
+handled by callbacks from the live app (see ``stream_ser.live``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import hmac
 import itertools
 import logging
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -42,7 +42,7 @@ class Client:
         self.sent = 0
         self.bad_messages = 0
         self.stream_filter = P.ALL_STREAMS
-        self.producer_stream: str | None = None
+        self.producer: ProducerState | None = None
 
     def offer(self, item: str | dict) -> None:
         """Queue an encoded message (or a status dict, personalised at send time)."""
@@ -56,28 +56,51 @@ class Client:
         return stream is None or self.stream_filter == P.ALL_STREAMS or self.stream_filter == stream
 
 
-AudioHandler = Callable[[Client, bytes], Awaitable[None] | None]
+class ProducerLimits:
+    """Per-producer limits: frame size, and no faster than real time (with a burst allowance) unless allowed."""
+
+    def __init__(self, max_frame_bytes: int = 64_000, realtime_only: bool = True, burst_s: float = 1.0,
+                 min_rate: int = 8_000, max_rate: int = 96_000):
+        self.max_frame_bytes = max_frame_bytes
+        self.realtime_only = realtime_only
+        self.burst_s = burst_s
+        self.min_rate = min_rate
+        self.max_rate = max_rate
+
+
+class ProducerState:
+    def __init__(self, stream_id: str, rate: int):
+        self.stream_id = stream_id
+        self.rate = rate
+        self.samples = 0
+        self.t0: float | None = None
+        self.frames = 0
 
 
 class Broadcaster:
     """``await start()``, ``publish(msg, stream)``, ``publish_status(dict)``, ``await close()``.
 
-    ``hello()`` builds the hello message for each new subscriber. ``on_audio_header``,
-    ``on_audio`` and ``on_disconnect`` (all optional) make it accept producers.
+    ``hello()`` builds the hello message for each new subscriber. With ``on_producer``
+    (returns the new stream id for a client and its rate) and ``on_audio`` (gets the
+    checked 16-bit PCM bytes) it accepts producers; ``limits`` are enforced here, and a
+    producer that breaks them gets an ``error`` and is closed (4429) without
+    disturbing anyone else.
     """
 
     def __init__(self, hello: Callable[[], dict], host: str = "127.0.0.1", port: int = 8765,
                  token: str | None = None, queue_size: int = 256, max_message_bytes: int = 1 << 16,
-                 on_audio_header: Callable[[Client, dict], Any] | None = None,
-                 on_audio: AudioHandler | None = None, on_disconnect: Callable[[Client], Any] | None = None):
+                 on_producer: Callable[[Client, int], str] | None = None,
+                 on_audio: Callable[[Client, bytes], Any] | None = None,
+                 on_disconnect: Callable[[Client], Any] | None = None, limits: ProducerLimits | None = None):
         self.hello = hello
         self.host = host
         self.port = port
         self.token = token
         self.queue_size = queue_size
         self.max_message_bytes = max_message_bytes
-        self.on_audio_header = on_audio_header
+        self.on_producer = on_producer
         self.on_audio = on_audio
+        self.limits = limits or ProducerLimits()
         self.on_disconnect = on_disconnect
         self.clients: set[Client] = set()
         self.first_subscriber = asyncio.Event()
@@ -171,14 +194,7 @@ class Broadcaster:
 
     async def _on_message(self, c: Client, message: str | bytes) -> None:
         if isinstance(message, bytes):
-            if self.on_audio is None:
-                return self._bad(c, "not_allowed", "this server does not take audio from clients")
-            if c.producer_stream is None and self.on_audio_header is not None:
-                self.on_audio_header(c, P.audio_header(16000))
-            result = self.on_audio(c, message)
-            if asyncio.iscoroutine(result):
-                await result
-            return
+            return await self._on_audio(c, message)
         try:
             msg = P.decode(message, allowed=P.CLIENT_TYPES)
         except P.ProtocolError as e:
@@ -192,9 +208,50 @@ class Broadcaster:
         elif kind == P.PING:
             c.offer(P.status(subscribers=len(self.clients), dropped_total=self.dropped_total))
         elif kind == P.AUDIO:
-            if self.on_audio_header is None:
-                return self._bad(c, "not_allowed", "this server does not take audio from clients")
-            self.on_audio_header(c, msg)
+            rate = msg.get("rate", 16000)
+            if c.producer is not None:
+                return self._bad(c, "bad_audio", f"already producing stream {c.producer.stream_id}")
+            self._start_producer(c, rate)
+
+    def _start_producer(self, c: Client, rate) -> bool:
+        lim = self.limits
+        if self.on_producer is None:
+            self._bad(c, "not_allowed", "this server does not take audio from clients (start it with --producers)")
+            return False
+        if not isinstance(rate, int) or not lim.min_rate <= rate <= lim.max_rate:
+            self._bad(c, "bad_audio", f"rate must be an integer in {lim.min_rate}..{lim.max_rate} Hz, got {rate!r}")
+            return False
+        sid = self.on_producer(c, rate)
+        c.producer = ProducerState(sid, rate)
+        c.offer(P.encode(P.stream_assigned(sid, rate)))
+        return True
+
+    async def _limit(self, c: Client, code: str, text: str) -> None:
+        self._bad(c, code, text)
+        await asyncio.sleep(0)  # let the sender queue the error first
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while c.queue and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await c.ws.close(P.CLOSE_PRODUCER_LIMIT, f"{code}: {text}"[:120])
+
+    async def _on_audio(self, c: Client, data: bytes) -> None:
+        if c.producer is None and not self._start_producer(c, 16000):
+            return
+        st, lim = c.producer, self.limits
+        if len(data) > lim.max_frame_bytes:
+            return await self._limit(c, "frame_too_large",
+                                     f"{len(data)} bytes in one frame; at most {lim.max_frame_bytes}")
+        if len(data) % 2:
+            return self._bad(c, "bad_audio", "16-bit PCM frames must have an even number of bytes")
+        now = asyncio.get_running_loop().time()
+        if st.t0 is None:
+            st.t0 = now
+        st.samples += len(data) // 2
+        st.frames += 1
+        if lim.realtime_only and st.samples / st.rate > (now - st.t0) + lim.burst_s:
+            return await self._limit(c, "too_fast", f"{st.samples / st.rate:.2f} s of audio in {now - st.t0:.2f} s; "
+                                                    "producers must not run ahead of real time")
+        self.on_audio(c, data)
 
     # --- shutdown -----------------------------------------------------------------
     async def close(self, reason: str | None = None, drain_s: float = 1.0) -> None:

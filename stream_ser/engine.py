@@ -1,0 +1,113 @@
+"""Many live streams, one model: batched embedding and batched heads.
+
+Each stream keeps its own state (a :class:`~stream_ser.recognizer.StreamingRecognizer`:
+front-end frames, segment cache, head window). ``feed()`` only queues samples
+(safe from any thread); ``step()`` (one thread) runs the front-end of every
+stream with new audio, puts *all* new segments of all streams through the
+embedder as one batch, then runs the heads of all streams whose window moved as
+one batch. A stream's predictions equal a lone recognizer's for the same audio
+(tested). When one stream brings several new segments in a step, its windows are
+predicted in order, one round per segment.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from .model import EmotionModel
+from .recognizer import Prediction, StreamingRecognizer
+
+
+class MultiStreamEngine:
+    """``add_stream(id)``, ``feed(id, samples)``, ``step() -> list[Prediction]``, ``remove_stream(id)``."""
+
+    def __init__(self, model: EmotionModel, max_batch: int = 512):
+        self.model = model.eval()
+        self.max_batch = max_batch
+        self.streams: dict[str, StreamingRecognizer] = {}
+        self._inbox: dict[str, deque] = {}
+        self._lock = threading.Lock()
+        self.embed_batches: deque[int] = deque(maxlen=10_000)  # segments per embedder call
+        self.head_batches: deque[int] = deque(maxlen=10_000)  # windows per head call
+        self.steps = 0
+
+    def add_stream(self, stream_id: str) -> StreamingRecognizer:
+        with self._lock:
+            if stream_id in self.streams:
+                raise ValueError(f"stream {stream_id!r} exists")
+            rec = StreamingRecognizer(self.model, stream=stream_id)
+            self.streams[stream_id] = rec
+            self._inbox[stream_id] = deque()
+            return rec
+
+    def remove_stream(self, stream_id: str) -> None:
+        with self._lock:
+            self.streams.pop(stream_id, None)
+            self._inbox.pop(stream_id, None)
+
+    def feed(self, stream_id: str, samples: np.ndarray, arrival: float | None = None) -> None:
+        """Queue samples for a stream (any thread; the work happens in :meth:`step`)."""
+        inbox = self._inbox.get(stream_id)
+        if inbox is None:
+            raise KeyError(f"no stream {stream_id!r}")
+        inbox.append((samples, time.perf_counter() if arrival is None else arrival))
+
+    def pending(self) -> bool:
+        return any(self._inbox.values())
+
+    def step(self) -> list[Prediction]:
+        """Process everything queued; return the predictions, ordered by round then stream."""
+        with self._lock:
+            items = [(sid, rec, self._inbox[sid]) for sid, rec in self.streams.items()]
+        new: list[tuple[StreamingRecognizer, list]] = []
+        for _, rec, inbox in items:
+            segs = []
+            while inbox:
+                samples, arrival = inbox.popleft()
+                segs += rec.segmenter.push(samples, arrival)
+            if segs:
+                new.append((rec, segs))
+        if not new:
+            return []
+        self.steps += 1
+        flat = [s for _, segs in new for s in segs]
+        projections, embed_ms = [], 0.0
+        for i in range(0, len(flat), self.max_batch):
+            chunk = flat[i:i + self.max_batch]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                proj = self.model.head.project(self.model.embed(torch.stack([s.features for s in chunk])))
+            embed_ms += 1e3 * (time.perf_counter() - t0)
+            projections += list(proj)
+            self.embed_batches.append(len(chunk))
+        for rec, segs in new:
+            rec.embedder_calls += 1
+            rec.segments_embedded += len(segs)
+        # hand each stream its projections, then predict round by round
+        k = 0
+        queued = []
+        for rec, segs in new:
+            queued.append((rec, [(s, projections[k + j]) for j, s in enumerate(segs)]))
+            k += len(segs)
+        preds: list[Prediction] = []
+        for r in range(max(len(q) for _, q in queued)):
+            ready = []
+            for rec, q in queued:
+                if r < len(q) and rec.add_segment(q[r][0], q[r][1], embed_ms):
+                    ready.append(rec)
+            for i in range(0, len(ready), self.max_batch):
+                batch = ready[i:i + self.max_batch]
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    logits, alpha = self.model.head.infer(torch.stack([rec.window_projections() for rec in batch]))
+                    probs = torch.softmax(logits.float(), -1).cpu().numpy()
+                alpha = alpha.cpu().numpy()
+                head_ms = 1e3 * (time.perf_counter() - t0)
+                self.head_batches.append(len(batch))
+                preds += [rec.make_prediction(probs[j], alpha[j], head_ms) for j, rec in enumerate(batch)]
+        return preds

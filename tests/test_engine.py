@@ -1,0 +1,60 @@
+"""The multi-stream engine: batched predictions equal lone-recognizer predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stream_ser.audio import load_audio
+from stream_ser.engine import MultiStreamEngine
+from stream_ser.model import EmotionModel
+from stream_ser.recognizer import StreamingRecognizer
+
+FILES = ["16b01Tb", "03a01Fa", "11b03Lc"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(7)
+    return EmotionModel().eval()
+
+
+def test_batched_streams_equal_single_streams(model, emodb_wav):
+    audio = {f: load_audio(emodb_wav(f)).numpy() for f in FILES}
+    lone = {f: StreamingRecognizer(model).push(audio[f]) for f in FILES}
+    eng = MultiStreamEngine(model)
+    for f in FILES:
+        eng.add_stream(f)
+    rng = np.random.default_rng(3)
+    pos = {f: 0 for f in FILES}
+    got = {f: [] for f in FILES}
+    while any(pos[f] < len(audio[f]) for f in FILES):
+        for f in FILES:  # each stream in its own random chunk sizes, several chunks per step sometimes
+            for _ in range(int(rng.integers(1, 3))):
+                n = int(rng.integers(100, 12000))
+                if pos[f] < len(audio[f]):
+                    eng.feed(f, audio[f][pos[f]:pos[f] + n])
+                    pos[f] += n
+        for p in eng.step():
+            got[p.stream].append(p)
+    for f in FILES:
+        assert len(got[f]) == len(lone[f])
+        assert [p.seq for p in got[f]] == [p.seq for p in lone[f]]
+        a = np.array([[p.probabilities[lab] for lab in model.labels] for p in got[f]])
+        b = np.array([[p.probabilities[lab] for lab in model.labels] for p in lone[f]])
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        assert eng.streams[f].segments_embedded == eng.streams[f].segments_seen  # once each
+    assert max(eng.embed_batches) > 1 and max(eng.head_batches) > 1  # it did batch across streams
+
+
+def test_streams_come_and_go(model):
+    eng = MultiStreamEngine(model)
+    eng.add_stream("a")
+    with pytest.raises(ValueError):
+        eng.add_stream("a")
+    eng.feed("a", np.zeros(50000, np.float32))
+    eng.remove_stream("a")
+    assert eng.step() == []
+    with pytest.raises(KeyError):
+        eng.feed("a", np.zeros(10, np.float32))

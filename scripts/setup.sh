@@ -25,7 +25,10 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=".venv/.installed${extras:+-test}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ]; }
+if fresh "$stamp" || { [ -z "$extras" ] && fresh .venv/.installed-test; }; then
+  :  # installed and up to date (the test install includes the plain one)
+else
   echo "setup: installing stream_ser$extras into .venv (torch 2.11 wheels are large; first run takes minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
   # Pinned matching set first: the CPU-only torch wheel some machines carry locally must not win.

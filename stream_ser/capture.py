@@ -190,6 +190,8 @@ class MicSource:
         self.ring.write(indata[:, 0])
 
     def start(self) -> None:
+        if self._stream is not None:
+            return
         sd = _sounddevice()
         dev = self.device_info["index"]
         for rate in (TARGET_RATE_HZ, int(self.device_info["default_samplerate"])):

@@ -92,14 +92,16 @@ def open_source(args):
         return None
     if spec == "auto":
         try:
-            return MicSource(args.input_device)
+            mic = MicSource(args.input_device)
+            mic.start()  # a device that is listed but cannot record counts as no microphone
+            return mic
         except CaptureError as e:
             from .assets import sample_path
             sample = sample_path()
             if sample is None:
                 raise CaptureError(f"{e}\n(and no bundled sample to fall back on)") from None
-            print(f"no microphone ({str(e).splitlines()[0][:120]}…); replaying the bundled sample {sample.name} "
-                  "in a loop", file=sys.stderr)
+            print(f"{str(e).split('. ')[0]}: replaying the bundled speech sample "
+                  f"{sample.name} in a loop instead (German, made with espeak-ng)", file=sys.stderr)
             return FileSource(sample, realtime=True, loop=True)
     if spec == "mic":
         return MicSource(args.input_device)

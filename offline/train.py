@@ -217,6 +217,28 @@ def build_split(bank: FeatureBank, model: EmotionModel, utts: Sequence[Utterance
 
 
 # --- the two stages ----------------------------------------------------------------
+class BestEpoch:
+    """Keeps the state of the epoch with the best validation UAR (the last epoch when there is no validation)."""
+
+    def __init__(self, module: torch.nn.Module, progress, title: str, epochs: int):
+        self.module = module
+        self.best = {"val_uar": -1.0, "epoch": 0, "state": None}
+        self.progress = progress
+        self.task = progress.add_task(title, total=epochs) if progress else None
+
+    def update(self, epoch: int, val_uar: float, has_val: bool, description: str) -> None:
+        if not has_val or val_uar > self.best["val_uar"]:
+            self.best = {"val_uar": val_uar, "epoch": epoch, "state": copy.deepcopy(self.module.state_dict())}
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, description=description)
+
+    def finish(self, history: list) -> dict:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.module.load_state_dict(self.best["state"])
+        return {"best_epoch": self.best["epoch"], "best_val_uar": self.best["val_uar"], "history": history}
+
+
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
@@ -242,9 +264,8 @@ def stage1_finetune(model: EmotionModel, train: SplitData, val: SplitData | None
     K = len(model.labels)
     weight = class_weights(y.cpu(), K).to(device) if cfg.class_weights else None
     opt = torch.optim.Adam(emb.parameters(), lr=cfg.stage1_lr)
-    best = {"val_uar": -1.0, "epoch": 0, "state": None}
+    keeper = BestEpoch(emb, progress, "stage 1 (fine-tune CNN)", cfg.stage1_epochs)
     history = []
-    task = progress.add_task("stage 1 (fine-tune CNN)", total=cfg.stage1_epochs) if progress else None
     for epoch in range(1, cfg.stage1_epochs + 1):
         model.train()
         perm = torch.randperm(len(X), generator=gen)
@@ -269,14 +290,8 @@ def stage1_finetune(model: EmotionModel, train: SplitData, val: SplitData | None
         history.append(rec)
         log(f"stage1 epoch {epoch}/{cfg.stage1_epochs} loss {rec['loss']:.4f} val segment UAR {val_uar:.4f} "
             f"({rec['segments_per_s']:.0f} seg/s)")
-        if val is None or val_uar > best["val_uar"]:
-            best = {"val_uar": val_uar, "epoch": epoch, "state": copy.deepcopy(emb.state_dict())}
-        if task is not None:
-            progress.update(task, advance=1, description=f"stage 1 epoch {epoch} loss {rec['loss']:.3f} val {val_uar:.3f}")
-    if task is not None:
-        progress.remove_task(task)
-    emb.load_state_dict(best["state"])
-    return {"best_epoch": best["epoch"], "best_val_uar": best["val_uar"], "history": history}
+        keeper.update(epoch, val_uar, val is not None, f"stage 1 epoch {epoch} loss {rec['loss']:.3f} val {val_uar:.3f}")
+    return keeper.finish(history)
 
 
 @torch.no_grad()
@@ -321,9 +336,8 @@ def stage2_head(model: EmotionModel, train_x: torch.Tensor, train_y: torch.Tenso
         with torch.no_grad():
             return torch.cat([forward(x[i:i + 64].to(device))[0].argmax(-1).cpu() for i in range(0, len(x), 64)])
 
-    best = {"val_uar": -1.0, "epoch": 0, "state": None}
+    keeper = BestEpoch(module, progress, "stage 2 (BLSTM-attention head)", cfg.stage2_epochs)
     history = []
-    task = progress.add_task("stage 2 (BLSTM-attention head)", total=cfg.stage2_epochs) if progress else None
     for epoch in range(1, cfg.stage2_epochs + 1):
         model.train()
         perm = torch.randperm(len(train_x), generator=gen)
@@ -341,15 +355,10 @@ def stage2_head(model: EmotionModel, train_x: torch.Tensor, train_y: torch.Tenso
         if val_x is not None:
             val_uar = uar(confusion_matrix(val_y.cpu().tolist(), predict(val_x).tolist(), K))
         history.append({"epoch": epoch, "loss": total / n, "val_uar": val_uar})
-        if val_x is None or val_uar > best["val_uar"]:
-            best = {"val_uar": val_uar, "epoch": epoch, "state": copy.deepcopy(module.state_dict())}
-        if task is not None:
-            progress.update(task, advance=1, description=f"stage 2 epoch {epoch} loss {total / n:.3f} val {val_uar:.3f}")
-    if task is not None:
-        progress.remove_task(task)
-    module.load_state_dict(best["state"])
-    log(f"stage2 best epoch {best['epoch']} val UAR {best['val_uar']:.4f} (last loss {history[-1]['loss']:.4f})")
-    return {"best_epoch": best["epoch"], "best_val_uar": best["val_uar"], "history": history}
+        keeper.update(epoch, val_uar, val_x is not None, f"stage 2 epoch {epoch} loss {total / n:.3f} val {val_uar:.3f}")
+    out = keeper.finish(history)
+    log(f"stage2 best epoch {out['best_epoch']} val UAR {out['best_val_uar']:.4f} (last loss {history[-1]['loss']:.4f})")
+    return out
 
 
 def train_model(bank: FeatureBank, train_utts: Sequence[Utterance], val_utts: Sequence[Utterance], cfg: TrainConfig,

@@ -30,7 +30,7 @@ if fresh "$stamp" || { [ -z "$extras" ] && fresh .venv/.installed-test; }; then
   :  # installed and up to date (the test install includes the plain one)
 else
   echo "setup: installing stream_ser$extras into .venv (torch 2.11 wheels are large; first run takes minutes)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
   # Pinned matching set first: the CPU-only torch wheel some machines carry locally must not win.
   .venv/bin/python -m pip install -q --disable-pip-version-check \
       "torch==2.11.*" "torchvision==0.26.*" "torchaudio==2.11.*" 2>&1 | grep -v "is ignored" || true

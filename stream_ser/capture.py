@@ -122,7 +122,7 @@ class _ResamplingReader:
 def _sounddevice():
     try:
         import sounddevice as sd
-    except OSError as e:  # the Python package is there, the C library is not
+    except (OSError, ImportError) as e:  # the C library (or the package) is missing
         raise CaptureError(f"PortAudio library not found ({e}). Install it: sudo apt-get install libportaudio2 "
                            "(macOS: brew install portaudio), or replay a file with --source PATH.") from None
     return sd

@@ -134,6 +134,10 @@ def render(state: DashboardState, width: int = 100) -> Group:
                 f"   dropped {st.get('dropped', 0)}   subscribers {st.get('subscribers', 0)}"
                 f"   source {st.get('source', '?')}", style="grey70")
     parts.append(line)
+    pa = st.get("portaudio_status") or {}
+    if any(pa.values()):
+        parts.append(Text(f"PortAudio: {pa.get('input_overflow', 0)} input overflows, {pa.get('input_underflow', 0)} "
+                          f"underflows, {pa.get('other', 0)} other", style="yellow"))
     for e in state.errors:
         parts.append(Text(f"error {e}", style="red"))
     if state.ended:

@@ -88,3 +88,15 @@ def test_file_source_loop(tmp_path):
     src.stop()
     y = np.concatenate(got)[: 3 * len(x)]
     assert np.array_equal(y, np.tile(x, 3)) and not src.finished
+
+
+def test_missing_portaudio_is_a_clear_error(monkeypatch):
+    import sys
+
+    import pytest
+
+    from stream_ser.capture import CaptureError, MicSource
+
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # as if the library could not be loaded
+    with pytest.raises(CaptureError, match="libportaudio2"):
+        MicSource(None)

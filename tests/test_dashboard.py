@@ -59,3 +59,9 @@ def test_history_keeps_about_thirty_seconds():
         s.update(_pred(i, "fear", 0.5))
     span = s.history[-1][0] - s.history[0][0]
     assert 29 <= span <= 30 and len(s.history) < 100
+
+
+def test_portaudio_status_flags_are_shown():
+    s = DashboardState()
+    s.update(P.status(portaudio_status={"input_overflow": 4, "input_underflow": 0, "other": 1}))
+    assert "PortAudio: 4 input overflows, 0 underflows, 1 other" in _text(s)

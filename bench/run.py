@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import re
 import statistics
@@ -36,7 +37,7 @@ from stream_ser.protocol import percentiles
 from stream_ser.recognizer import StreamingRecognizer
 
 ROOT = Path(__file__).resolve().parents[1]
-EMODB = ROOT.parent / "shared" / "data" / "emodb" / "wav"
+EMODB = Path(os.environ.get("STREAM_SER_EMODB", ROOT.parent / "shared" / "data" / "emodb")) / "wav"
 HOP_S = 0.32
 CHUNK = 320  # 20 ms
 

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import FeatureBank, train_model
     from stream_ser.model import save_checkpoint
 
+    corpus = corpus.first_per_speaker(cfg.max_per_speaker)
     val_spk = set(args.val_speaker)
     unknown = val_spk - set(corpus.speakers)
     if unknown:

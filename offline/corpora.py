@@ -65,6 +65,18 @@ class Corpus:
     def subset(self, keep: Callable[[Utterance], bool]) -> "Corpus":
         return Corpus(self.name, self.labels, [u for u in self.utterances if keep(u)], list(self.skipped))
 
+    def first_per_speaker(self, n: int) -> "Corpus":
+        """At most ``n`` utterances per speaker, in corpus order (0: all) — for smoke runs."""
+        if not n:
+            return self
+        seen: Counter = Counter()
+        keep = set()
+        for u in self.utterances:
+            if seen[u.speaker] < n:
+                seen[u.speaker] += 1
+                keep.add(u.uid)
+        return self.subset(lambda u: u.uid in keep)
+
 
 def load_emodb(root: str | Path) -> Corpus:
     """EMO-DB from its file names (``03a01Fa.wav``: speaker 03, text a01, emotion F, version a).

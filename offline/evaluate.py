@@ -78,13 +78,7 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
                  command: str = "", only_folds: list[str] | None = None, log=print, progress=None) -> dict:
     """Train and test every fold x run; write ``results.json`` (and per fold-run files). Resumable."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.max_per_speaker:
-        keep, seen = set(), {}
-        for u in corpus.utterances:
-            if seen.get(u.speaker, 0) < cfg.max_per_speaker:
-                seen[u.speaker] = seen.get(u.speaker, 0) + 1
-                keep.add(u.uid)
-        corpus = corpus.subset(lambda u: u.uid in keep)
+    corpus = corpus.first_per_speaker(cfg.max_per_speaker)
     folds = make_folds(corpus)
     if only_folds:
         unknown = set(only_folds) - {f.name for f in folds}

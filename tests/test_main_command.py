@@ -70,10 +70,11 @@ def test_readme_main_command_recognizes_the_bundled_sample():
     assert text.strip().splitlines()[-1].startswith("stopped:")
 
 
-def test_bench_smoke(tmp_path):
+def test_bench_smoke(tmp_path, emodb_dir):
     import sys
     r = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--image-sizes", "64", "--out", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "STREAM_SER_EMODB": str(emodb_dir)})
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     res = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())

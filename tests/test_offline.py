@@ -174,6 +174,7 @@ def test_train_command_writes_a_deployable_checkpoint(emodb_dir, tmp_path):
     model = load_checkpoint(out)
     assert "emodb" in model.meta["trained_on"] and model.meta["val_speakers"] == ["03"]
     assert len(model.meta["speakers"]) == 9 and model.frontend_config.image_size == 64
+    assert "18 utterances" in model.meta["trained_on"]  # --max-per-speaker 2, speaker 03 held out
 
 
 def test_bad_corpus_and_unknown_speaker_are_clear_errors(tmp_path, emodb_dir, capsys):

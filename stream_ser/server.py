@@ -135,9 +135,6 @@ class Broadcaster:
             c.offer(dict(status))
             self.dropped_total += c.dropped - before
 
-    def send_to(self, client: Client, msg: dict) -> None:
-        client.offer(P.encode(msg))
-
     async def _sender(self, c: Client) -> None:
         try:
             while True:
@@ -265,7 +262,3 @@ class Broadcaster:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
             self._server = None
-
-    def stats(self) -> dict:
-        return {"subscribers": len(self.clients), "dropped_total": self.dropped_total,
-                "bad_messages": self.bad_messages_total, "refused": self.refused}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .model import EmotionModel
-from .recognizer import Prediction, StreamingRecognizer
+from .recognizer import Prediction, StreamingRecognizer, embed_and_project
 
 
 class MultiStreamEngine:
@@ -80,8 +80,7 @@ class MultiStreamEngine:
         for i in range(0, len(flat), self.max_batch):
             chunk = flat[i:i + self.max_batch]
             t0 = time.perf_counter()
-            with torch.no_grad():
-                proj = self.model.head.project(self.model.embed(torch.stack([s.features for s in chunk])))
+            proj = embed_and_project(self.model, [s.features for s in chunk])
             embed_ms += 1e3 * (time.perf_counter() - t0)
             projections += list(proj)
             self.embed_batches.append(len(chunk))

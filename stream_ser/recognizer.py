@@ -65,6 +65,13 @@ class Segment:
     level_dbfs: float
     arrival: float  # perf_counter time its last sample arrived
     frontend_ms: float
+    embed_ms: float = 0.0  # the embedder call it went through
+
+
+def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torch.Tensor:
+    """Segments [C, M, L] -> the head's cached input projections [N, dirs, 4H], in one embedder batch."""
+    with torch.no_grad():
+        return model.head.project(model.embed(torch.stack(features)))
 
 
 class SegmentStream:
@@ -77,8 +84,7 @@ class SegmentStream:
         self.reset()
 
     def reset(self) -> None:
-        self._buf = np.zeros(0, np.float32)  # samples from absolute index self._buf_start on
-        self._buf_start = 0
+        self._buf = np.zeros(0, np.float32)  # samples from the first sample of frame self.n_frames on
         self._frames = torch.zeros(self.cfg.n_mels, 0, device=self.device)  # from frame self._frames_start on
         self._energy = np.zeros(0, np.float64)  # mean square per frame, same indexing
         self._frames_start = 0
@@ -98,20 +104,16 @@ class SegmentStream:
         self.n_samples += x.size
         self._arrivals.append((self.n_samples, arrival))
         self._buf = np.concatenate([self._buf, x]) if self._buf.size else x.copy()
-        total = self._buf_start + self._buf.size
-        k = cfg.frames_for(total) - self.n_frames
+        k = cfg.frames_for(self._buf.size)  # new frames the buffer completes
         if k > 0:
-            off = self.n_frames * cfg.hop_length - self._buf_start
-            span = self._buf[off: off + (k - 1) * cfg.hop_length + cfg.win_length]
+            span = self._buf[: (k - 1) * cfg.hop_length + cfg.win_length]
             with torch.no_grad():
                 lm = self.frontend.log_mel(torch.from_numpy(span).to(self.device))[0]  # [M, k]
             frames = np.lib.stride_tricks.sliding_window_view(span, cfg.win_length)[:: cfg.hop_length]
             self._energy = np.concatenate([self._energy, np.square(frames, dtype=np.float64).mean(axis=1)])
             self._frames = torch.cat([self._frames, lm], dim=1)
             self.n_frames += k
-            drop = self.n_frames * cfg.hop_length - self._buf_start  # samples no future frame needs
-            self._buf = self._buf[drop:]
-            self._buf_start += drop
+            self._buf = self._buf[k * cfg.hop_length:]  # no future frame needs these
         self._frontend_s += time.perf_counter() - t0
         out = []
         while self.n_frames >= cfg.segment_frames + self.next_segment * cfg.segment_shift:
@@ -186,8 +188,7 @@ class StreamingRecognizer:
     def embed_segments(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
         """One embedder call for segments [C, M, L] -> (head input projections [dirs, 4H], ms)."""
         t0 = time.perf_counter()
-        with torch.no_grad():
-            proj = self.model.head.project(self.model.embed(torch.stack(features)))
+        proj = embed_and_project(self.model, features)
         self.embedder_calls += 1
         self.segments_embedded += len(features)
         return list(proj), 1e3 * (time.perf_counter() - t0)
@@ -195,7 +196,7 @@ class StreamingRecognizer:
     def add_segment(self, seg: Segment, proj: torch.Tensor, embed_ms: float) -> bool:
         """Cache one embedded segment; True when the window is full (a prediction is due)."""
         self.segments_seen += 1
-        seg.embed_ms = embed_ms  # type: ignore[attr-defined]
+        seg.embed_ms = embed_ms
         self._cache.append((proj, seg))
         return len(self._cache) == self.window
 
@@ -230,7 +231,7 @@ class StreamingRecognizer:
             attention=[float(a) for a in alpha],
             speech_activity=float(np.mean([s.activity for s in segs])),
             level_dbfs=last.level_dbfs,
-            timings_ms={"frontend": last.frontend_ms, "embed": getattr(last, "embed_ms", 0.0), "head": head_ms,
+            timings_ms={"frontend": last.frontend_ms, "embed": last.embed_ms, "head": head_ms,
                         "total": 1e3 * (time.perf_counter() - last.arrival)},
             stream=self.stream,
             t_arrival=time.time() - (time.perf_counter() - last.arrival),

@@ -32,9 +32,9 @@ def _speeds(text: str) -> tuple[float, ...]:
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", choices=["emodb", "iemocap", "csv"], required=True,
+    p.add_argument("--corpus", choices=["emodb", "ravdess", "iemocap", "csv"], required=True,
                    help="corpus kind; csv: --data is a manifest with path,label,speaker[,fold]")
-    p.add_argument("--data", required=True, help="corpus folder (EMO-DB: the folder with wav/; IEMOCAP: with Session1..5)")
+    p.add_argument("--data", required=True, help="corpus folder (EMO-DB: the folder with wav/; RAVDESS: with Actor_01..24; IEMOCAP: with Session1..5)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="paper: the paper's full settings; quick: CPU-feasible (default: quick)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -53,7 +53,18 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help="CNN input size (paper: 227)")
     g.add_argument("--channels", type=int, choices=[1, 2, 3], help="log-Mel channels: static, +delta, +delta-delta")
     g.add_argument("--segment-frames", type=int, help="segment length in frames, 16-128 (shift is half)")
-    g.add_argument("--normalization", choices=["segment", "corpus", "utterance", "none"])
+    g.add_argument("--normalization", choices=["segment", "corpus", "speaker", "utterance", "none"],
+                   help="segment: each segment alone; corpus: training-set statistics; speaker: each speaker's own "
+                        "statistics (unlabelled audio; live: running per stream); utterance: the paper's (offline only)")
+    g.add_argument("--lr-schedule", choices=["constant", "onecycle"], help="learning-rate schedule of both stages")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing of both stages' loss (0: off)")
+    g.add_argument("--mask-frames", type=int, help="stage 1 SpecAugment: one time mask of up to N frames (0: off)")
+    g.add_argument("--mask-bins", type=int, help="stage 1 SpecAugment: one frequency mask of up to N Mel bins (0: off)")
+    g.add_argument("--mixup", type=float, help="stage 1 mixup alpha (0: off)")
+    g.add_argument("--start-at-speech", dest="start_at_speech", action="store_const", const=True,
+                   help="each utterance's 3 s window starts 100 ms before its speech onset, not at sample 0")
+    g.add_argument("--start-at-zero", dest="start_at_speech", action="store_const", const=False,
+                   help="each utterance's 3 s window starts at sample 0 (the paper)")
     g.add_argument("--no-attention", dest="attention", action="store_const", const=False,
                    help="mean of the BLSTM outputs instead of attention (Table 3)")
     g.add_argument("--arch", choices=["dcnn_blstmwa", "cnn_lstm"], help="cnn_lstm: the paper's 2-CNN-LSTM baseline")
@@ -64,7 +75,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 OVERRIDE_KEYS = ["stage1_epochs", "stage1_batch", "stage1_lr", "stage2_epochs", "stage2_batch", "stage2_lr", "speeds",
                  "runs", "weights", "seed", "image_size", "channels", "segment_frames", "normalization", "attention",
-                 "arch", "class_weights", "amp", "max_per_speaker"]
+                 "arch", "class_weights", "amp", "max_per_speaker", "lr_schedule", "label_smoothing",
+                 "mask_frames", "mask_bins", "mixup", "start_at_speech"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = pick_device(args.device)
+    from stream_ser.model import WeightsError, alexnet_state_dict
+    try:
+        alexnet_state_dict(cfg.weights)  # fail now, with one clear line, not in the first fold
+    except WeightsError as e:
+        print(f"error: --weights: {e}", file=sys.stderr)
+        return 2
     command = "ser-offline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
     if args.cmd == "loso":
@@ -162,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     train_u = [u for u in corpus.utterances if u.speaker not in val_spk]
     val_u = [u for u in corpus.utterances if u.speaker in val_spk]
     log_path = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
     with _progress_and_log(log_path) as (log, progress):
         log(f"{command}\npreset {cfg.preset}: {cfg.to_dict()} on {device}")
         bank = FeatureBank(corpus, cfg.frontend_config(), Path(args.cache_dir), device, log, progress)

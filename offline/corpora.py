@@ -1,4 +1,4 @@
-"""Corpora: EMO-DB, IEMOCAP (improvised, 4 classes) and any CSV manifest.
+"""Corpora: EMO-DB, RAVDESS (speech), IEMOCAP (improvised, 4 classes) and any CSV manifest.
 
 A :class:`Corpus` is a list of :class:`Utterance` records plus label names.
 Loading audio goes through :func:`load_waves`, which reports and counts bad
@@ -22,6 +22,12 @@ from stream_ser.config import EMODB_LABELS
 EMODB_CODES = {"W": "anger", "L": "boredom", "E": "disgust", "A": "fear",
                "F": "happiness", "T": "sadness", "N": "neutral"}
 EMODB_NAME = re.compile(r"^(\d\d)([ab]\d\d)([WLEAFTN])([a-z])$")
+
+# RAVDESS emotion codes (file name field 3), named like EMO-DB's where they share an emotion
+RAVDESS_CODES = {"01": "neutral", "02": "calm", "03": "happiness", "04": "sadness", "05": "anger", "06": "fear",
+                 "07": "disgust", "08": "surprise"}
+RAVDESS_LABELS = ("anger", "calm", "disgust", "fear", "happiness", "neutral", "sadness", "surprise")
+RAVDESS_NAME = re.compile(r"^03-01-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)$")
 
 IEMOCAP_LABELS = ("angry", "happy", "neutral", "sad")
 IEMOCAP_CODES = {"ang": "angry", "hap": "happy", "neu": "neutral", "sad": "sad"}
@@ -102,6 +108,39 @@ def load_emodb(root: str | Path) -> Corpus:
     return Corpus("emodb", EMODB_LABELS, utts, skipped)
 
 
+def load_ravdess(root: str | Path) -> Corpus:
+    """RAVDESS speech (audio only) from its file names (``Actor_05/03-01-06-02-01-02-05.flac``).
+
+    Fields: modality 03 (audio), channel 01 (speech), emotion, intensity (01 normal,
+    02 strong), statement, repetition, actor. The actor is the speaker and the fold;
+    the uid is the file stem (unique: it contains the actor).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusError(f"RAVDESS folder not found: {root} (expected Actor_01 .. Actor_24 folders)")
+    utts, skipped = [], []
+    for p in sorted(root.glob("Actor_*/*")):
+        if p.suffix.lower() not in (".flac", ".wav"):
+            continue
+        m = RAVDESS_NAME.match(p.stem)
+        if not m:
+            skipped.append((str(p), "not a RAVDESS speech file name (e.g. 03-01-06-02-01-02-05.flac)"))
+            continue
+        code, intensity, statement, repetition, actor = m.groups()
+        if p.parent.name != f"Actor_{actor}":
+            skipped.append((str(p), f"actor {actor} in the name but in folder {p.parent.name}"))
+            continue
+        utts.append(Utterance(p, RAVDESS_CODES[code], actor, actor, p.stem))
+    if not utts:
+        raise CorpusError(f"no RAVDESS speech files (03-01-*.flac) under {root}/Actor_*")
+    return Corpus("ravdess", RAVDESS_LABELS, utts, skipped)
+
+
+def ravdess_intensity(u: Utterance) -> str:
+    """``normal`` or ``strong`` from a RAVDESS utterance's file name."""
+    return "strong" if u.uid.split("-")[3] == "02" else "normal"
+
+
 def load_iemocap(root: str | Path, include_excited: bool = False) -> Corpus:
     """IEMOCAP improvised dialogues, 4 classes, the session as the fold.
 
@@ -180,9 +219,11 @@ def load_corpus(name: str, data: str | Path) -> Corpus:
         return load_emodb(data)
     if name == "iemocap":
         return load_iemocap(data)
+    if name == "ravdess":
+        return load_ravdess(data)
     if name == "csv":
         return load_manifest(data)
-    raise CorpusError(f"unknown corpus {name!r} (emodb, iemocap, csv)")
+    raise CorpusError(f"unknown corpus {name!r} (emodb, ravdess, iemocap, csv)")
 
 
 def load_waves(utterances: Iterable[Utterance], on_error: Callable[[AudioError], None] | None = None,

@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--max-frame-bytes", type=int, default=64_000, help="largest binary audio frame a producer may send")
     lv.add_argument("--allow-fast-producers", action="store_true",
                     help="let producers send faster than real time (e.g. to analyse files)")
+    lv.add_argument("--enroll", default=None, metavar="FILE",
+                    help="speaker adaptation: start the speaker statistics from this recording of the speaker "
+                         "(models with speaker normalisation; otherwise they start from the corpus statistics)")
+    lv.add_argument("--no-adapt", dest="adapt", action="store_false",
+                    help="speaker adaptation off: keep the corpus (or --enroll) statistics fixed instead of "
+                         "updating them from the speech heard")
     w = sub.add_parser("watch", help="show the dashboard of a running recognizer")
     w.add_argument("url", help="websocket address, e.g. ws://127.0.0.1:8765")
     w.add_argument("--token", default=None)
@@ -138,11 +144,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = open_model(args.checkpoint, args.device)
+        enroll = None
+        if args.enroll is not None:
+            from .audio import AudioError, load_audio
+            if model.frontend_config.normalization != "speaker":
+                raise ValueError(f"--enroll needs a model trained with speaker normalisation; this one uses "
+                                 f"{model.frontend_config.normalization!r}")
+            try:
+                enroll = load_audio(args.enroll, model.frontend_config.sample_rate).numpy()
+            except AudioError as e:
+                raise ValueError(f"--enroll: {e}") from None
         source = open_source(args)
         app = LiveApp(model, source, args.host, args.port, args.token, dashboard=args.dashboard,
                       log_lines=not args.dashboard, wait_for_subscriber=args.wait_for_subscriber,
                       queue_size=args.queue_size, producers=args.producers,
-                      limits=ProducerLimits(args.max_frame_bytes, realtime_only=not args.allow_fast_producers))
+                      limits=ProducerLimits(args.max_frame_bytes, realtime_only=not args.allow_fast_producers),
+                      adapt=args.adapt, enroll=enroll)
     except (CheckpointError, CaptureError, ValueError) as e:
         return _fail(str(e))
     try:

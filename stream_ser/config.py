@@ -27,8 +27,10 @@ SEGMENT_FRAMES = 64  # 64 frames = 63 * 10 ms + 25 ms = 655 ms
 SEGMENT_SHIFT_FRAMES = 32  # 320 ms
 IMAGE_SIZE = 227  # AlexNet input
 UTTERANCE_S = 3.0  # truncate longer, zero-pad shorter -> 8 segments
+ONSET_DBFS = -45.0  # start_at_speech: the first 10 ms frame with RMS above this is the speech onset
+ONSET_MARGIN_S = 0.1  # ... and the 3 s window starts this long before it
 
-NORMALIZATIONS = ("segment", "corpus", "utterance", "none")
+NORMALIZATIONS = ("segment", "corpus", "speaker", "utterance", "none")
 EMODB_LABELS = ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral")
 
 
@@ -44,6 +46,10 @@ class FrontendConfig:
       out, which matters for live use.
     - ``"corpus"``: per channel and Mel bin, mean and std of the training
       segments, stored in the checkpoint. Keeps loudness; depends on the gain.
+    - ``"speaker"``: per channel and Mel bin, mean and std of the speaker's own
+      speech frames (``stream_ser.adaptation``): offline from all the speaker's
+      utterances (no labels), live from running statistics per stream that start
+      at the training corpus statistics (stored in the checkpoint).
     - ``"utterance"``: the paper's per-utterance waveform standardisation. Needs
       the whole utterance, so it is an offline-only ablation; the live recognizer
       refuses a model trained with it.
@@ -69,6 +75,9 @@ class FrontendConfig:
     utterance_s: float = UTTERANCE_S
     normalization: str = "segment"
     norm_eps: float = 1e-5
+    # True: an utterance's 3 s window starts 100 ms before its speech onset instead of at
+    # sample 0, so leading silence (about 1 s in every RAVDESS file) does not fill the window
+    start_at_speech: bool = False
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -122,7 +131,7 @@ class FrontendConfig:
     def log_mel_key(self) -> str:
         """Short hash of the fields that decide the log-Mel frames (feature cache key)."""
         keys = ("sample_rate", "preemphasis", "win_length", "hop_length", "n_fft", "n_mels",
-                "f_min", "f_max", "mel_scale", "mel_norm", "log_floor", "utterance_s")
+                "f_min", "f_max", "mel_scale", "mel_norm", "log_floor", "utterance_s", "start_at_speech")
         blob = json.dumps({k: getattr(self, k) for k in keys} | {"utt_norm": self.normalization == "utterance"},
                           sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]

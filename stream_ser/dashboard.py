@@ -67,6 +67,15 @@ class DashboardState:
             self.errors = (self.errors + [f"{msg.get('code')}: {msg.get('message')}"])[-3:]
 
 
+def adaptation_text(ad: dict | None) -> str:
+    """One phrase for the ``adaptation`` field of a prediction (speaker normalisation)."""
+    if ad is None:
+        return "not used by this model"
+    src = "enrolled + " if ad.get("enrolled") else ""
+    state = "on" if ad.get("on") else "frozen"
+    return f"{state}: {src}{ad.get('speech_s', 0.0):.1f} s of this speaker's speech (started from corpus statistics)"
+
+
 def _bar(fraction: float, width: int, style: str) -> Text:
     fraction = min(max(fraction, 0.0), 1.0)
     full = int(round(fraction * width))
@@ -122,6 +131,9 @@ def render(state: DashboardState, width: int = 100) -> Group:
         meters.add_column()
         meters.add_row("input level", _bar((level + 80) / 80, 30, "green"), f"{level:.1f} dBFS")
         meters.add_row("speech activity", _bar(act, 30, "cyan"), f"{100 * act:.0f}%")
+        ad = cur.get("adaptation")
+        if ad is not None:
+            meters.add_row("speaker adapt.", Text(adaptation_text(ad), style="magenta" if ad.get("on") else "grey50"), "")
         t = cur.get("timings_ms", {})
         meters.add_row("this hop", Text(f"front-end {t.get('frontend', 0):.1f} ms · CNN {t.get('embed', 0):.1f} ms · "
                                         f"head {t.get('head', 0):.1f} ms · total {t.get('total', 0):.1f} ms"), "")

@@ -73,8 +73,8 @@ class Frontend(nn.Module):
         return mel.clamp_min(cfg.log_floor).log().transpose(1, 2)
 
     # --- segments ----------------------------------------------------------------
-    def segments_from_log_mel(self, log_mel: torch.Tensor) -> torch.Tensor:
-        """[B, M, T] -> normalised segments [B, S, C, M, L]; deltas inside each segment."""
+    def raw_segments_from_log_mel(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """[B, M, T] -> un-normalised segments [B, S, C, M, L]; deltas inside each segment."""
         cfg = self.config
         B, M, T = log_mel.shape
         S = cfg.segments_for_frames(T)
@@ -88,26 +88,41 @@ class Frontend(nn.Module):
             chans.append(AF.compute_deltas(static, win_length=win, mode="replicate"))
         if cfg.channels >= 3:
             chans.append(AF.compute_deltas(chans[1], win_length=win, mode="replicate"))
-        return self.normalize(torch.stack(chans, dim=2))
+        return torch.stack(chans, dim=2)
 
-    def segments(self, wave: torch.Tensor) -> torch.Tensor:
+    def segments_from_log_mel(self, log_mel: torch.Tensor, stats=None) -> torch.Tensor:
+        """[B, M, T] -> normalised segments [B, S, C, M, L]; ``stats`` as in :meth:`normalize`."""
+        return self.normalize(self.raw_segments_from_log_mel(log_mel), stats)
+
+    def segments(self, wave: torch.Tensor, stats=None) -> torch.Tensor:
         """wave [B, N] -> segments [B, S, C, 64, 64] (64 frames every 32)."""
-        return self.segments_from_log_mel(self.log_mel(wave))
+        return self.segments_from_log_mel(self.log_mel(wave), stats)
 
-    def normalize(self, seg: torch.Tensor) -> torch.Tensor:
-        """The one normalisation both packages use; seg [..., C, M, L].
+    def normalize(self, seg: torch.Tensor, stats=None) -> torch.Tensor:
+        """The one normalisation both packages use; seg [..., C, M, L] (un-normalised).
 
         ``segment``: per channel over the segment's M x L values; ``corpus``:
-        per channel and Mel bin with the stored statistics; ``utterance`` and
-        ``none``: unchanged (the paper standardises the waveform instead, see
-        :meth:`prepare_utterance`).
+        per channel and Mel bin with the stored statistics; ``speaker``: per
+        channel and Mel bin with ``stats`` = (mean, std) of the speaker, each
+        [C, M] (one speaker) or [B, C, M] (one per item of a [B, S, C, M, L]
+        batch); without ``stats`` the stored corpus statistics (the live
+        warm-up); ``utterance`` and ``none``: unchanged (the paper standardises
+        the waveform instead, see :meth:`prepare_utterance`).
         """
         cfg = self.config
         if cfg.normalization == "segment":
             mean = seg.mean(dim=(-2, -1), keepdim=True)
             std = seg.std(dim=(-2, -1), keepdim=True, unbiased=False)
             return (seg - mean) / (std + cfg.norm_eps)
-        if cfg.normalization == "corpus":
+        if cfg.normalization == "speaker" and stats is not None:
+            mean, std = (t.to(seg) for t in stats)
+            if mean.dim() == 3:  # one per batch item: [B, C, M] -> [B, 1.., C, M, 1]
+                shape = (mean.shape[0],) + (1,) * (seg.dim() - 4) + mean.shape[1:] + (1,)
+                mean, std = mean.reshape(shape), std.reshape(shape)
+            else:
+                mean, std = mean[..., None], std[..., None]
+            return (seg - mean) / (std + cfg.norm_eps)
+        if cfg.normalization in ("corpus", "speaker"):
             C = seg.shape[-3]
             mean = self.norm_mean[:C, :, None]
             std = self.norm_std[:C, :, None]
@@ -115,13 +130,29 @@ class Frontend(nn.Module):
         return seg
 
     def set_corpus_stats(self, raw_segments: torch.Tensor) -> None:
-        """Fit the ``corpus`` statistics on un-normalised segments [..., C, M, L]."""
+        """Fit the stored statistics on un-normalised segments [..., C, M, L].
+
+        ``corpus``: all frames; ``speaker``: speech frames only, as the speaker
+        statistics are (they are the live warm-up, see ``stream_ser.adaptation``).
+        """
         C = raw_segments.shape[-3]
         x = raw_segments.reshape(-1, C, raw_segments.shape[-2], raw_segments.shape[-1])
         self.norm_mean.zero_()
         self.norm_std.fill_(1.0)
+        if self.config.normalization == "speaker":
+            from .adaptation import speaker_stats
+            st = speaker_stats(x)
+            self.norm_mean[:C] = st.mean.to(self.norm_mean)
+            self.norm_std[:C] = st.std.to(self.norm_std)
+            return
         self.norm_mean[:C] = x.mean(dim=(0, 3)).to(self.norm_mean)
         self.norm_std[:C] = x.std(dim=(0, 3)).to(self.norm_std)
+
+    def corpus_stats(self):
+        """The stored statistics as ``stream_ser.adaptation.Stats`` ([C, M] each)."""
+        from .adaptation import Stats
+        C = self.config.channels
+        return Stats(self.norm_mean[:C].detach().cpu().clone(), self.norm_std[:C].detach().cpu().clone(), 0.0)
 
     # --- images ------------------------------------------------------------------
     def images(self, segments: torch.Tensor) -> torch.Tensor:
@@ -142,6 +173,8 @@ class Frontend(nn.Module):
         """
         cfg = self.config
         wave = wave.reshape(-1).to(self.window.dtype)
+        if cfg.start_at_speech:
+            wave = wave[self.speech_onset(wave):]
         if cfg.normalization == "utterance" and wave.numel() > 1:
             wave = (wave - wave.mean()) / (wave.std() + cfg.norm_eps)
         n = cfg.utterance_samples
@@ -149,8 +182,21 @@ class Frontend(nn.Module):
             return wave[:n]
         return F.pad(wave, (0, n - wave.numel()))
 
-    def utterance_segments(self, waves: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """Utterances (list of [N_i] or [B, N]) -> [B, 8, C, M, L]."""
+    def speech_onset(self, wave: torch.Tensor) -> int:
+        """First sample of the 3 s window with ``start_at_speech``: ``ONSET_MARGIN_S`` before the first
+        10 ms frame whose RMS is above ``ONSET_DBFS`` (0 when there is none). wave: [N]."""
+        from .config import ONSET_DBFS, ONSET_MARGIN_S
+        cfg = self.config
+        if wave.numel() < cfg.win_length:
+            return 0
+        frames = wave.unfold(0, cfg.win_length, cfg.hop_length)
+        loud = (frames.square().mean(dim=1) > 10 ** (ONSET_DBFS / 10)).nonzero()
+        if loud.numel() == 0:
+            return 0
+        return max(0, int(loud[0, 0]) * cfg.hop_length - int(ONSET_MARGIN_S * cfg.sample_rate))
+
+    def utterance_segments(self, waves: list[torch.Tensor] | torch.Tensor, stats=None) -> torch.Tensor:
+        """Utterances (list of [N_i] or [B, N]) -> [B, 8, C, M, L]; ``stats`` as in :meth:`normalize`."""
         batch = torch.stack([self.prepare_utterance(w.to(self.window.device)) for w in waves])
-        return self.segments(batch)
+        return self.segments(batch, stats)
 

@@ -38,11 +38,14 @@ class LiveApp:
     def __init__(self, model, source, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
                  dashboard: bool = True, log_lines: bool = False, wait_for_subscriber: bool = False,
                  queue_size: int = 256, producers: bool = False, limits: ProducerLimits | None = None,
-                 out=None, console=None):
+                 out=None, console=None, adapt: bool = True, enroll=None):
         self.model = model
         self.source = source
         self.engine = MultiStreamEngine(model)
-        self.recognizer = self.engine.add_stream(LOCAL) if source is not None else None
+        self.adapt = adapt
+        self.recognizer = self.engine.add_stream(LOCAL, adapt=adapt) if source is not None else None
+        if enroll is not None and self.recognizer is not None:
+            self.recognizer.enroll(enroll)
         self.dashboard_on = dashboard
         self.log_lines = log_lines
         self.wait_for_subscriber = wait_for_subscriber
@@ -52,8 +55,12 @@ class LiveApp:
         self.broadcaster = Broadcaster(self._hello, host, port, token, queue_size,
                                        on_producer=self._on_producer if producers else None,
                                        on_audio=self._on_audio, on_disconnect=self._on_disconnect, limits=limits)
+        ad = self.recognizer.segmenter.adaptation_info() if self.recognizer is not None else None
+        if ad is None and cfg.normalization == "speaker":
+            ad = {"on": adapt, "enrolled": False, "speech_s": 0.0}
         self.hello_msg = P.hello(list(model.labels), model.describe(), cfg.to_dict(), cfg.hop_s, cfg.utterance_s,
-                                 streams=[LOCAL] if source is not None else [], server=f"stream_ser {__version__}")
+                                 streams=[LOCAL] if source is not None else [], server=f"stream_ser {__version__}",
+                                 adaptation=ad)
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._resamplers: dict[str, object] = {}
         self._stop = threading.Event()
@@ -64,7 +71,7 @@ class LiveApp:
     # --- producers (loop thread) ------------------------------------------------------
     def _on_producer(self, client: Client, rate: int) -> str:
         sid = f"p{client.id}"
-        self.engine.add_stream(sid)
+        self.engine.add_stream(sid, adapt=self.adapt)
         if rate != self.model.frontend_config.sample_rate:
             import soxr
             self._resamplers[sid] = soxr.ResampleStream(rate, self.model.frontend_config.sample_rate, 1,

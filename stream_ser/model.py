@@ -70,8 +70,39 @@ def alexnet_state_dict(weights: str) -> dict[str, torch.Tensor] | None:
     path = Path(weights)
     if not path.is_file():
         raise WeightsError(f"AlexNet weights file not found: {path} (use 'imagenet', 'none' or a path to a .pth)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, a pickle with code in it, truncated ...
+        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return _embedder_from_checkpoint(state, path)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or "features.0.weight" not in state:
+        raise WeightsError(f"{path}: not an AlexNet state dict (no features.0.weight) nor a stream_ser checkpoint")
+    return state
+
+
+def _embedder_from_checkpoint(payload: dict, path: Path) -> dict[str, torch.Tensor]:
+    """A stream_ser checkpoint's AlexNet (features, FC6, FC7) in torchvision's key names.
+
+    This is how a CNN pre-trained on another corpus (e.g. RAVDESS) initialises the
+    embedder; its stage-1 classifier is not carried over (the labels differ).
+    """
+    if (payload.get("model_config") or {}).get("arch", "dcnn_blstmwa") != "dcnn_blstmwa":
+        raise WeightsError(f"{path}: a {payload['model_config'].get('arch')} checkpoint has no AlexNet embedder")
+    scales = payload.get("scales", {})
+    out = {}
+    for k, v in payload["state_dict"].items():
+        if k in scales:
+            v = v.float() * scales[k][:, None]
+        if k.startswith("embedder.features."):
+            out[k[len("embedder."):]] = v.float()
+        elif k.startswith("embedder.fc."):
+            _, _, idx, name = k.split(".")
+            out[f"classifier.{idx}.{name}"] = v.float()  # fc = classifier[:6]: same indices
+    if "features.0.weight" not in out:
+        raise WeightsError(f"{path}: checkpoint holds no embedder weights")
+    return out
 
 
 class SegmentEmbedder(nn.Module):
@@ -82,7 +113,9 @@ class SegmentEmbedder(nn.Module):
         alex = torchvision.models.alexnet(weights=None)
         state = alexnet_state_dict(weights)
         if state is not None:
-            alex.load_state_dict(state)
+            missing, unexpected = alex.load_state_dict(state, strict=False)
+            if unexpected or any(not k.startswith("classifier.6.") for k in missing):  # the 1000-class layer may be absent
+                raise WeightsError(f"AlexNet weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
         self.features = alex.features
         self.avgpool = alex.avgpool
         self.fc = alex.classifier[:6]  # dropout, FC6, ReLU, dropout, FC7, ReLU
@@ -268,15 +301,19 @@ class EmotionModel(nn.Module):
         return self.head(self.embed(segments))
 
     @torch.no_grad()
-    def predict(self, wave: torch.Tensor | list[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
-        """Utterance probabilities [B, K] (eval mode, no gradients)."""
+    def predict(self, wave: torch.Tensor | list[torch.Tensor], batch_size: int = 32, stats=None) -> torch.Tensor:
+        """Utterance probabilities [B, K] (eval mode, no gradients).
+
+        ``stats``: the speaker's (mean, std) [C, M] for ``speaker`` normalisation
+        (``stream_ser.adaptation``); without them the stored corpus statistics.
+        """
         was_training = self.training
         self.eval()
         waves = list(wave) if not isinstance(wave, torch.Tensor) or wave.dim() == 2 else [wave]
         out = []
         try:
             for i in range(0, len(waves), batch_size):
-                segs = self.frontend.utterance_segments([w.to(self.device) for w in waves[i:i + batch_size]])
+                segs = self.frontend.utterance_segments([w.to(self.device) for w in waves[i:i + batch_size]], stats)
                 logits, _ = self(segs)
                 out.append(torch.softmax(logits.float(), dim=-1))
         finally:

@@ -5,11 +5,14 @@ JSON text messages, each ``{"type": ..., "v": PROTOCOL_VERSION, ...}``.
 Server -> client:
 
 - ``hello``: on connect. ``labels``, ``model`` (description), ``frontend`` (config
-  dict), ``hop_s``, ``window_s``, ``streams`` (ids), ``server`` (version).
+  dict), ``hop_s``, ``window_s``, ``streams`` (ids), ``server`` (version),
+  ``adaptation`` (null, or ``{on, enrolled, speech_s}`` of the local stream when the
+  model normalises per speaker).
 - ``prediction``: one rolling prediction; the fields of
   :class:`stream_ser.recognizer.Prediction` (``seq``, ``window_start_s``,
   ``window_end_s``, ``probabilities``, ``label``, ``confidence``, ``attention``,
-  ``speech_activity``, ``level_dbfs``, ``timings_ms``, ``stream``).
+  ``speech_activity``, ``level_dbfs``, ``timings_ms``, ``stream``, ``adaptation``:
+  null, or ``{on, speech_s, enrolled}`` for a speaker-normalised model).
 - ``status``: about once a second. ``overruns``, ``lost_samples``, ``dropped``
   (messages this subscriber lost), ``dropped_total``, ``subscribers``,
   ``latency_ms`` ({p50, p95, p99} of total per-hop latency), ``source``, ``uptime_s``.
@@ -90,9 +93,9 @@ def decode(text: str | bytes, allowed: tuple[str, ...] = SERVER_TYPES + CLIENT_T
 
 
 def hello(labels: list[str], model: str, frontend: dict, hop_s: float, window_s: float,
-          streams: list[str] | None = None, server: str = "") -> dict:
+          streams: list[str] | None = None, server: str = "", adaptation: dict | None = None) -> dict:
     return {"type": HELLO, "labels": list(labels), "model": model, "frontend": frontend, "hop_s": hop_s,
-            "window_s": window_s, "streams": list(streams or []), "server": server}
+            "window_s": window_s, "streams": list(streams or []), "server": server, "adaptation": adaptation}
 
 
 def prediction(pred: dict) -> dict:

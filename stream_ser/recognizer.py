@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .adaptation import RunningStats, Stats
 from .audio import check_samples
 from .model import EmotionModel
 
@@ -50,6 +51,9 @@ class Prediction:
     timings_ms: dict[str, float] = field(default_factory=dict)  # frontend, embed, head, total
     stream: str | None = None
     t_arrival: float = 0.0  # wall clock (time.time()) when the window's last sample arrived
+    # speaker adaptation (``speaker`` normalisation): None for other models, else
+    # {"on": updating from speech, "speech_s": seconds of speech behind the statistics, "enrolled": bool}
+    adaptation: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +70,7 @@ class Segment:
     arrival: float  # perf_counter time its last sample arrived
     frontend_ms: float
     embed_ms: float = 0.0  # the embedder call it went through
+    adaptation: dict | None = None  # the speaker statistics it was normalised with (see Prediction)
 
 
 def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torch.Tensor:
@@ -75,12 +80,24 @@ def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torc
 
 
 class SegmentStream:
-    """Per-stream front-end state: samples -> log-Mel frames -> segments. No model calls."""
+    """Per-stream front-end state: samples -> log-Mel frames -> segments. No model calls.
 
-    def __init__(self, model: EmotionModel):
+    With a ``speaker``-normalised model the stream keeps its own
+    :class:`~stream_ser.adaptation.RunningStats` (``self.adaptation``): each
+    segment, when it completes, first updates them with its speech frames
+    (unless ``adapt`` is False or they are frozen) and is then normalised with
+    the statistics current at that moment, once.
+    """
+
+    def __init__(self, model: EmotionModel, adapt: bool = True):
         self.frontend = model.frontend
         self.cfg = model.frontend_config
         self.device = model.device
+        self.adaptation: RunningStats | None = None
+        self._enrolled: Stats | None = None
+        if self.cfg.normalization == "speaker":
+            self.adaptation = RunningStats(self.frontend.corpus_stats())
+            self.adaptation.frozen = not adapt
         self.reset()
 
     def reset(self) -> None:
@@ -93,6 +110,35 @@ class SegmentStream:
         self.next_segment = 0
         self._arrivals: deque[tuple[int, float]] = deque()  # (samples received so far, time)
         self._frontend_s = 0.0
+
+    # --- speaker adaptation ------------------------------------------------------------
+    def enroll(self, wave: np.ndarray | torch.Tensor) -> Stats:
+        """Seed the speaker statistics from a recording of the speaker (16 kHz mono [N]); returns them."""
+        if self.adaptation is None:
+            raise ValueError("this model does not use speaker normalisation; enrolment has no effect")
+        x = torch.as_tensor(check_samples(np.asarray(wave), "enrolment"))
+        with torch.no_grad():
+            raw = self.frontend.raw_segments_from_log_mel(self.frontend.log_mel(x.to(self.device)))
+        if raw.shape[1] == 0:
+            raise ValueError(f"enrolment audio is too short: at least {self.cfg.segment_samples / self.cfg.sample_rate:.2f} s needed")
+        frozen = self.adaptation.frozen
+        self.adaptation.frozen = False
+        self.adaptation.enroll(raw)
+        self.adaptation.frozen = frozen
+        self._enrolled = self.adaptation.current()
+        return self._enrolled
+
+    def reset_adaptation(self) -> None:
+        """Back to the corpus statistics (a new speaker); an enrolment is forgotten too."""
+        if self.adaptation is not None:
+            self.adaptation.reset()
+        self._enrolled = None
+
+    def adaptation_info(self) -> dict | None:
+        a = self.adaptation
+        if a is None:
+            return None
+        return {"on": not a.frozen, "speech_s": round(a.speech_s, 2), "enrolled": self._enrolled is not None}
 
     def push(self, samples: np.ndarray, arrival: float | None = None) -> list[Segment]:
         cfg = self.cfg
@@ -127,7 +173,13 @@ class SegmentStream:
         a = s * cfg.segment_shift - self._frames_start
         static = self._frames[:, a: a + cfg.segment_frames]
         with torch.no_grad():
-            seg = self.frontend.segments_from_log_mel(static[None])[0, 0]  # [C, M, L]
+            raw = self.frontend.raw_segments_from_log_mel(static[None])[0, 0]  # [C, M, L]
+            stats = None
+            if self.adaptation is not None:
+                self.adaptation.update(raw)
+                cur = self.adaptation.current()
+                stats = (cur.mean, cur.std)
+            seg = self.frontend.normalize(raw, stats)
         energy = self._energy[a: a + cfg.segment_frames]
         activity = float((_dbfs(energy) > ACTIVITY_THRESHOLD_DBFS).mean())
         level = float(_dbfs(energy.mean()))
@@ -144,7 +196,7 @@ class SegmentStream:
         self._frames_start += keep_from
         fe_ms = 1e3 * (self._frontend_s + time.perf_counter() - t0)
         self._frontend_s = 0.0
-        return Segment(s, seg, activity, level, arrival, fe_ms)
+        return Segment(s, seg, activity, level, arrival, fe_ms, adaptation=self.adaptation_info())
 
 
 class StreamingRecognizer:
@@ -154,7 +206,7 @@ class StreamingRecognizer:
     ``segments_embedded`` (segments through the CNN), ``predictions``.
     """
 
-    def __init__(self, model: EmotionModel, stream: str | None = None):
+    def __init__(self, model: EmotionModel, stream: str | None = None, adapt: bool = True):
         if model.frontend_config.normalization == "utterance":
             raise ValueError("this model normalises whole utterances (the paper's preprocessing); it cannot run "
                              "live. Train with --normalization segment or corpus.")
@@ -163,15 +215,29 @@ class StreamingRecognizer:
         self.cfg = model.frontend_config
         self.window = self.cfg.segments_per_utterance
         self.stream = stream
-        self.segmenter = SegmentStream(model)
+        self.segmenter = SegmentStream(model, adapt=adapt)
         self.segments_seen = self.embedder_calls = self.segments_embedded = self.predictions = 0
         self.reset()
 
-    def reset(self) -> None:
-        """Forget all audio: the next sample is sample 0 of a new stream. Counters keep counting."""
+    def reset(self, adaptation: bool = True) -> None:
+        """Forget all audio: the next sample is sample 0 of a new stream. Counters keep counting.
+
+        ``adaptation``: also forget the speaker statistics (back to the corpus's; a new speaker).
+        """
         self.segmenter.reset()
+        if adaptation:
+            self.segmenter.reset_adaptation()
         self._cache: deque[tuple[torch.Tensor, Segment]] = deque(maxlen=self.window)  # (projection [dirs, 4H], seg)
         self._seq = 0
+
+    def enroll(self, wave: np.ndarray | torch.Tensor) -> Stats:
+        """Seed the speaker statistics from a recording of the speaker (see :meth:`SegmentStream.enroll`)."""
+        return self.segmenter.enroll(wave)
+
+    @property
+    def adaptation(self) -> RunningStats | None:
+        """The stream's running speaker statistics (None unless the model uses ``speaker`` normalisation)."""
+        return self.segmenter.adaptation
 
     def push(self, samples: np.ndarray, arrival: float | None = None) -> list[Prediction]:
         """Feed samples (16 kHz mono float32, int16, or [N, channels]; any length); get the predictions they complete."""
@@ -235,6 +301,7 @@ class StreamingRecognizer:
                         "total": 1e3 * (time.perf_counter() - last.arrival)},
             stream=self.stream,
             t_arrival=time.time() - (time.perf_counter() - last.arrival),
+            adaptation=last.adaptation,
         )
 
     @property

@@ -1,0 +1,167 @@
+"""Speaker statistics for the ``speaker`` normalisation (beyond the paper).
+
+Each channel (log-Mel, delta, delta-delta) and Mel bin of a segment is
+standardised with the mean and standard deviation of *that speaker's* speech
+frames, so contrasts within a speaker (loudness, spectral tilt, pitch range)
+survive while the speaker's voice and the microphone drop out. This is what
+lifts a classic eGeMAPS + SVM from 63 to 80 % UAR on EMO-DB.
+
+Where the statistics come from:
+
+- **offline** (:func:`speaker_stats`): all segments of the speaker's own
+  utterances as the model sees them (the 3 s windows), speech frames only, no
+  labels — for the training, validation and test speakers alike; like an
+  enrolment recording would give.
+- **live** (:class:`RunningStats`): one object per stream, updated with every
+  segment as it completes (speech frames only), before that segment is
+  normalised with the statistics then current; the segment is then embedded
+  once (DESIGN.md invariant 3). It starts from the training corpus statistics
+  (stored in the checkpoint) weighted as ``prior_frames`` frames of speech, so
+  the first predictions are sensible and the speaker's own statistics take over
+  as speech arrives. ``enroll()`` seeds it from a recording; ``reset()`` goes
+  back to the corpus; ``frozen`` stops updates (then streaming equals offline
+  exactly, DESIGN.md invariant 1).
+
+A frame counts as speech when its total log-Mel power (log-sum-exp over the Mel
+bins of the static channel) is above :data:`SPEECH_GATE_LOG_POWER`: about
+-55 dBFS frame RMS, which leaves out digital silence, the zero padding of short
+utterances and quiet pauses. Statistics are over frames of the segments, so the
+overlap of consecutive segments counts most frames twice, identically offline and live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# --- constants ----------------------------------------------------------------------
+SPEECH_GATE_LOG_POWER = -9.5  # natural log of summed Mel power; ~ -55 dBFS frame RMS (EMO-DB and RAVDESS speech)
+PRIOR_FRAMES = 300.0  # live warm-up: corpus statistics count as 3 s of speech frames
+MIN_FRAMES = 2.0  # fewer speech frames than this: statistics fall back to the prior
+STD_FLOOR = 1e-3  # a bin that never varied does not blow up
+
+
+def speech_frames(raw: torch.Tensor) -> torch.Tensor:
+    """Un-normalised segments [..., C, M, L] -> bool mask [..., L] of the frames that count as speech."""
+    return torch.logsumexp(raw[..., 0, :, :], dim=-2) > SPEECH_GATE_LOG_POWER
+
+
+def _moments(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speech-frame count, sum and sum of squares per channel and Mel bin ([], [C, M], [C, M]; float64)."""
+    C, M, L = raw.shape[-3:]
+    x = raw.reshape(-1, C, M, L).double()
+    w = speech_frames(x).double()[:, None, None, :]  # [N, 1, 1, L]
+    n = w.sum()
+    return n, (x * w).sum(dim=(0, 3)), (x.square() * w).sum(dim=(0, 3))
+
+
+@dataclass
+class Stats:
+    """Mean and standard deviation per channel and Mel bin ([C, M] each) and the speech frames they saw."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    frames: float
+
+    @property
+    def speech_s(self) -> float:
+        """Seconds of speech behind the statistics (10 ms frames; overlapping segments count twice)."""
+        return self.frames * 0.01 / 2.0
+
+
+def speaker_stats(raw: torch.Tensor, prior: Stats | None = None) -> Stats:
+    """Statistics of one speaker from all their un-normalised segments [..., C, M, L] (speech frames only).
+
+    With fewer than :data:`MIN_FRAMES` speech frames, ``prior`` is returned (or zeros/ones).
+    """
+    n, s, ss = _moments(raw)
+    if float(n) < MIN_FRAMES:
+        if prior is not None:
+            return prior
+        C, M = raw.shape[-3:-1]
+        return Stats(torch.zeros(C, M), torch.ones(C, M), 0.0)
+    mean = s / n
+    std = (ss / n - mean.square()).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
+    return Stats(mean.float(), std.float(), float(n))
+
+
+def stats_by_group(raw: torch.Tensor, groups: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-utterance statistics from each utterance's group (speaker).
+
+    raw: [U, S, C, M, L] un-normalised; groups: U speaker names ->
+    (mean [U, C, M], std [U, C, M]), every utterance of a speaker getting that
+    speaker's statistics over all their utterances.
+    """
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        index.setdefault(g, []).append(i)
+    C, M = raw.shape[-3:-1]
+    mean = raw.new_zeros(len(groups), C, M)
+    std = raw.new_ones(len(groups), C, M)
+    for idx in index.values():
+        st = speaker_stats(raw[idx])
+        mean[idx] = st.mean.to(raw)
+        std[idx] = st.std.to(raw)
+    return mean, std
+
+
+class RunningStats:
+    """Per-stream running statistics, starting from a prior (the corpus statistics).
+
+    ``update(raw_segment [C, M, L])`` adds the segment's speech frames;
+    ``current()`` gives the :class:`Stats` to normalise with. Sums are kept in
+    float64 so hours of audio do not lose precision.
+    """
+
+    def __init__(self, prior: Stats, prior_frames: float = PRIOR_FRAMES):
+        self.prior = Stats(prior.mean.double().cpu(), prior.std.double().cpu(), 0.0)
+        self.prior_frames = float(prior_frames)
+        self.frozen = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the prior: no speech seen."""
+        self._n = torch.zeros((), dtype=torch.float64)
+        self._s = torch.zeros_like(self.prior.mean)
+        self._ss = torch.zeros_like(self.prior.mean)
+        self._cache: Stats | None = None
+
+    @property
+    def frames(self) -> float:
+        return float(self._n)
+
+    @property
+    def speech_s(self) -> float:
+        return float(self._n) * 0.01 / 2.0
+
+    def update(self, raw: torch.Tensor) -> None:
+        """Add the speech frames of un-normalised segments [..., C, M, L] (no-op when frozen)."""
+        if self.frozen:
+            return
+        n, s, ss = _moments(raw.detach().cpu())
+        if float(n) == 0:
+            return
+        self._n += n
+        self._s += s
+        self._ss += ss
+        self._cache = None
+
+    def enroll(self, raw: torch.Tensor) -> None:
+        """Replace everything seen so far with an enrolment recording's segments [..., C, M, L]."""
+        self.reset()
+        self.update(raw)
+
+    def current(self) -> Stats:
+        """Prior and speech seen so far, pooled: the prior weighs as ``prior_frames`` frames."""
+        if self._cache is None:
+            p, n0 = self.prior, self.prior_frames
+            if n0 + float(self._n) <= 0:
+                return Stats(p.mean.float(), p.std.float(), 0.0)
+            n = n0 + self._n
+            s = n0 * p.mean + self._s
+            ss = n0 * (p.std.square() + p.mean.square()) + self._ss
+            mean = s / n
+            std = (ss / n - mean.square()).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
+            self._cache = Stats(mean.float(), std.float(), float(self._n))
+        return self._cache

@@ -1,0 +1,168 @@
+"""Speaker normalisation: statistics offline and live, streaming equals offline with frozen statistics,
+running statistics converge to the offline ones, each stream keeps its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stream_ser.adaptation import RunningStats, Stats, speaker_stats, speech_frames, stats_by_group
+from stream_ser.audio import load_audio
+from stream_ser.config import FrontendConfig
+from stream_ser.engine import MultiStreamEngine
+from stream_ser.features import Frontend
+from stream_ser.model import EmotionModel
+from stream_ser.recognizer import StreamingRecognizer
+
+SPEAKER_A = ["03a01Wa", "03a02Fc", "03a04Ad", "03a01Nc", "03a02Ta", "03a04Lc", "03a02Wb", "03a04Fd"]
+SPEAKER_B = ["16b01Tb", "16a01Ec", "16a01Lb", "16a01Fc"]
+
+
+@pytest.fixture(scope="module")
+def model(emodb_wav):
+    """A random speaker-normalised model (64 px: cheap) whose corpus statistics come from real speech."""
+    torch.manual_seed(5)
+    m = EmotionModel(FrontendConfig(normalization="speaker", image_size=64)).eval()
+    fe = m.frontend
+    raw = torch.cat([fe.raw_segments_from_log_mel(fe.log_mel(load_audio(emodb_wav(s)))) for s in SPEAKER_B], dim=1)
+    fe.set_corpus_stats(raw)
+    return m
+
+
+def _raw(fe: Frontend, wave: torch.Tensor) -> torch.Tensor:
+    return fe.raw_segments_from_log_mel(fe.log_mel(wave))  # [1, S, C, M, L]
+
+
+def test_statistics_see_speech_frames_only(model, emodb_wav):
+    fe = model.frontend
+    wave = load_audio(emodb_wav("03a01Wa"))
+    padded = torch.cat([torch.zeros(16000), wave, torch.zeros(24000)])  # digital silence around the speech
+    raw, raw_padded = _raw(fe, wave), _raw(fe, padded)
+    assert speech_frames(raw_padded).float().mean() < speech_frames(raw).float().mean()
+    a, b = speaker_stats(raw), speaker_stats(raw_padded)
+    # silence changes the set of segments (different cuts), not the speech statistics much
+    assert (a.mean[0] - b.mean[0]).abs().mean() < 0.15 * a.std[0].mean()
+    # a silent recording has no speech frames: the prior comes back
+    prior = Stats(torch.full((3, 64), 7.0), torch.full((3, 64), 2.0), 0.0)
+    silent = _raw(fe, torch.zeros(32000))
+    assert speaker_stats(silent, prior) is prior
+
+
+def test_batched_statistics_equal_one_speaker_at_a_time(model, emodb_wav):
+    fe = model.frontend
+    raws = [_raw(fe, fe.prepare_utterance(load_audio(emodb_wav(s)))) for s in SPEAKER_A[:3] + SPEAKER_B[:2]]
+    raw = torch.cat(raws)  # [5, 8, C, M, L]
+    groups = ["A", "A", "A", "B", "B"]
+    mean, std = stats_by_group(raw, groups)
+    a = speaker_stats(raw[:3])
+    torch.testing.assert_close(mean[1], a.mean)
+    torch.testing.assert_close(std[2], a.std)
+    batched = fe.normalize(raw, (mean, std))
+    single = fe.normalize(raw[4:5], (mean[4], std[4]))
+    torch.testing.assert_close(batched[4:5], single)
+    assert not torch.allclose(mean[0], mean[3])  # two speakers, two sets of statistics
+    # after normalisation the speaker's speech frames are centred per bin
+    z = fe.normalize(raw[:3], (a.mean, a.std))
+    w = speech_frames(raw[:3])[..., None, None, :].float()
+    centred = (z * w).sum(dim=(0, 1, 4)) / w.sum(dim=(0, 1, 4))
+    assert centred.abs().max() < 1e-3
+
+
+def test_stream_equals_offline_with_frozen_statistics(model, emodb_wav):
+    """Invariant 1 with speaker normalisation: enrolled from another utterance, frozen."""
+    rec = StreamingRecognizer(model, adapt=False)
+    st = rec.enroll(load_audio(emodb_wav("16a01Ec")).numpy())
+    assert rec.adaptation.frozen and st.frames > 0
+    audio = load_audio(emodb_wav("16b01Tb")).numpy()
+    preds = []
+    rng = np.random.default_rng(3)
+    i = 0
+    while i < len(audio):
+        n = int(rng.integers(1, 5000))
+        preds += rec.push(audio[i:i + n])
+        i += n
+    cfg = model.frontend_config
+    waves = [torch.from_numpy(audio[cfg.shift_samples * k: cfg.shift_samples * k + cfg.utterance_samples])
+             for k in range(len(preds))]
+    offline = model.predict(waves, stats=(st.mean, st.std)).numpy()
+    stream = np.array([[p.probabilities[lab] for lab in model.labels] for p in preds])
+    assert len(preds) == 5
+    np.testing.assert_allclose(stream, offline, atol=1e-4)
+    assert all(p.adaptation == {"on": False, "speech_s": round(st.speech_s, 2), "enrolled": True} for p in preds)
+    # the statistics are really used: the corpus statistics give other segments
+    fe = model.frontend
+    own, corpus = fe.utterance_segments(waves[:1], (st.mean, st.std)), fe.utterance_segments(waves[:1])
+    assert (own - corpus).abs().mean() > 0.05
+
+
+def test_running_statistics_converge_to_the_speakers(model, emodb_wav):
+    fe = model.frontend
+    waves = [load_audio(emodb_wav(s)) for s in SPEAKER_A]
+    offline = speaker_stats(torch.cat([_raw(fe, w) for w in waves], dim=1))
+    prior = fe.corpus_stats()
+    gap_before = (prior.mean[0] - offline.mean[0]).abs().mean()
+
+    rec = StreamingRecognizer(model)
+    rec.adaptation.prior_frames = 0.0  # no prior: exactly the speaker's own frames
+    seen = []
+    for w in waves:
+        rec.push(w.numpy())
+        seen.append(rec.adaptation.speech_s)
+        rec.reset(adaptation=False)  # next utterance, same speaker
+    assert all(b > a for a, b in zip(seen, seen[1:]))  # grows with every utterance
+    cur = rec.adaptation.current()
+    torch.testing.assert_close(cur.mean, offline.mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cur.std, offline.std, atol=1e-4, rtol=1e-4)
+
+    # with the default warm-up prior (3 s of corpus speech) the stream still ends close to the speaker
+    rec2 = StreamingRecognizer(model)
+    first = None
+    for w in waves:
+        rec2.push(w.numpy())
+        first = first if first is not None else (rec2.adaptation.current().mean[0] - offline.mean[0]).abs().mean()
+        rec2.reset(adaptation=False)
+    gap_after = (rec2.adaptation.current().mean[0] - offline.mean[0]).abs().mean()
+    assert gap_after < 0.3 * gap_before and gap_after < first
+    # and a reset forgets the speaker
+    rec2.reset()
+    assert rec2.adaptation.speech_s == 0.0
+    torch.testing.assert_close(rec2.adaptation.current().mean, prior.mean)
+
+
+def test_each_stream_keeps_its_own_statistics(model, emodb_wav):
+    eng = MultiStreamEngine(model)
+    a, b = eng.add_stream("a"), eng.add_stream("b")
+    wa = np.concatenate([load_audio(emodb_wav(s)).numpy() for s in SPEAKER_A[:3]])
+    wb = np.concatenate([load_audio(emodb_wav(s)).numpy() for s in SPEAKER_B[:3]])
+    preds = []
+    for i in range(0, max(len(wa), len(wb)), 3200):
+        if i < len(wa):
+            eng.feed("a", wa[i:i + 3200])
+        if i < len(wb):
+            eng.feed("b", wb[i:i + 3200])
+        preds += eng.step()
+    sa, sb = a.adaptation.current(), b.adaptation.current()
+    assert not torch.allclose(sa.mean, sb.mean, atol=0.1)
+    # each equals what a lone recognizer on the same audio gets
+    lone = StreamingRecognizer(model)
+    lone.push(wa)
+    torch.testing.assert_close(lone.adaptation.current().mean, sa.mean)
+    assert {p.stream for p in preds} == {"a", "b"}
+    assert all(p.adaptation["on"] and p.adaptation["speech_s"] > 0 for p in preds)
+
+
+def test_running_stats_frozen_and_enrolled():
+    prior = Stats(torch.zeros(3, 4), torch.ones(3, 4), 0.0)
+    rs = RunningStats(prior, prior_frames=10)
+    x = torch.randn(1, 2, 3, 4, 16) + 5.0  # loud frames: all count as speech
+    x[:, :, 0] += 5.0
+    rs.frozen = True
+    rs.update(x)
+    assert rs.frames == 0
+    rs.frozen = False
+    rs.update(x)
+    assert rs.frames == 32
+    cur = rs.current()
+    expected = (10 * prior.mean + 32 * x.permute(2, 3, 0, 1, 4).reshape(3, 4, -1).mean(-1)) / 42
+    torch.testing.assert_close(cur.mean, expected.float(), atol=1e-5, rtol=1e-5)

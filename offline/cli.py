@@ -17,6 +17,8 @@ EPILOG = """examples:
   ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset quick --out runs/emodb-quick
   ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset paper --weights none --out runs/paper
   ser-offline train --corpus emodb --data ../shared/data/emodb --preset quick --out model.pt
+  ser-offline cross --train emodb --train-data ../shared/data/emodb --test ravdess \
+                    --test-data ../shared/data/ravdess --out runs/emodb-to-ravdess
   ser-offline report runs/emodb-quick              (rewrite report.md and confusion.png)
   ser-offline report runs/a runs/b --compare       (one ablation table)
 """
@@ -31,10 +33,15 @@ def _speeds(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError("--speeds takes 1, 3, 5 or a list like 0.9,1.0,1.1") from None
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", choices=["emodb", "ravdess", "iemocap", "csv"], required=True,
-                   help="corpus kind; csv: --data is a manifest with path,label,speaker[,fold]")
-    p.add_argument("--data", required=True, help="corpus folder (EMO-DB: the folder with wav/; RAVDESS: with Actor_01..24; IEMOCAP: with Session1..5)")
+CORPORA = ["emodb", "ravdess", "iemocap", "csv"]
+
+
+def _add_training_flags(p: argparse.ArgumentParser, corpus: bool = True) -> None:
+    if corpus:
+        p.add_argument("--corpus", choices=CORPORA, required=True,
+                       help="corpus kind; csv: --data is a manifest with path,label,speaker[,fold]")
+        p.add_argument("--data", required=True, help="corpus folder (EMO-DB: the folder with wav/; RAVDESS: with "
+                       "Actor_01..24; IEMOCAP: with Session1..5)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="paper: the paper's full settings; quick: CPU-feasible (default: quick)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -61,6 +68,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-frames", type=int, help="stage 1 SpecAugment: one time mask of up to N frames (0: off)")
     g.add_argument("--mask-bins", type=int, help="stage 1 SpecAugment: one frequency mask of up to N Mel bins (0: off)")
     g.add_argument("--mixup", type=float, help="stage 1 mixup alpha (0: off)")
+    g.add_argument("--stage1-min-speech", type=float,
+                   help="stage 1 learns only from segments with at least this fraction of speech frames (0: all)")
     g.add_argument("--start-at-speech", dest="start_at_speech", action="store_const", const=True,
                    help="each utterance's 3 s window starts 100 ms before its speech onset, not at sample 0")
     g.add_argument("--start-at-zero", dest="start_at_speech", action="store_const", const=False,
@@ -76,7 +85,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 OVERRIDE_KEYS = ["stage1_epochs", "stage1_batch", "stage1_lr", "stage2_epochs", "stage2_batch", "stage2_lr", "speeds",
                  "runs", "weights", "seed", "image_size", "channels", "segment_frames", "normalization", "attention",
                  "arch", "class_weights", "amp", "max_per_speaker", "lr_schedule", "label_smoothing",
-                 "mask_frames", "mask_bins", "mixup", "start_at_speech"]
+                 "mask_frames", "mask_bins", "mixup", "start_at_speech", "stage1_min_speech"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(lo)
     lo.add_argument("--out", required=True, help="run folder for results.json, report.md, confusion.png, run.log")
     lo.add_argument("--folds", help="comma-separated subset of folds (test speakers or sessions)")
+    x = sub.add_parser("cross", help="train on one corpus, test on another (on the labels they share)")
+    x.add_argument("--train", choices=CORPORA, required=True, help="training corpus kind")
+    x.add_argument("--train-data", required=True, help="training corpus folder (or CSV manifest)")
+    x.add_argument("--test", choices=CORPORA, required=True, help="test corpus kind")
+    x.add_argument("--test-data", required=True, help="test corpus folder (or CSV manifest)")
+    x.add_argument("--val-speaker", default=None, help="training speaker held out for model selection "
+                   "(default: the last one in sorted order)")
+    x.add_argument("--out", required=True, help="run folder for results.json, report.md, run.log")
+    _add_training_flags(x, corpus=False)
     r = sub.add_parser("report", help="rewrite report.md and confusion.png from results.json")
     r.add_argument("runs", nargs="+", help="run folders")
     r.add_argument("--compare", action="store_true", help="print one comparison table over the runs")
@@ -141,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args.preset, {k: getattr(args, k, None) for k in OVERRIDE_KEYS})
-        corpus = load_corpus(args.corpus, args.data)
+        if args.cmd == "cross":
+            corpus = load_corpus(args.train, args.train_data)
+            test_corpus = load_corpus(args.test, args.test_data)
+            from .cross_corpus import shared_labels
+            shared_labels(corpus, test_corpus)
+        else:
+            corpus = load_corpus(args.corpus, args.data)
     except (CorpusError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -154,6 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = "ser-offline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
+    if args.cmd == "cross":
+        from .cross_corpus import render_cross_report, run_cross_corpus
+        out.mkdir(parents=True, exist_ok=True)
+        with _progress_and_log(out / "run.log") as (log, progress):
+            log(f"{command}\npreset {cfg.preset}: {cfg.to_dict()} on {device}")
+            try:
+                results = run_cross_corpus(corpus, test_corpus, cfg, out, device, Path(args.cache_dir), command,
+                                           args.val_speaker, log, progress)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        (out / "report.md").write_text(render_cross_report(results))
+        for mode, s in results["summary"].items():
+            print(f"{corpus.name} -> {test_corpus.name} ({mode}): UAR {100 * s['uar_mean']:.2f} % over "
+                  f"{len(results['shared_labels'])} shared labels; report: {out / 'report.md'}")
+        return 0
     if args.cmd == "loso":
         out.mkdir(parents=True, exist_ok=True)
         with _progress_and_log(out / "run.log") as (log, progress):

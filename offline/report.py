@@ -83,6 +83,17 @@ def render_markdown(results: dict) -> str:
               + (f" ({m['gpu']})" if m.get("gpu") else "") + f", torch {m.get('torch')}, Python {m.get('python')}.",
               f"Compute time: {results['compute_seconds'] / 60:.1f} min over {s['n_fold_runs']} fold-runs "
               f"({s['n_folds']} folds x {cfg['runs']} runs).", ""]
+    if cfg.get("normalization") == "speaker":
+        lines += ["Normalisation: **per speaker** (beyond the paper). Each speaker's statistics (mean and std per "
+                  "channel and Mel bin) come from that speaker's own utterances only — the 3 s windows the model "
+                  "sees, speech frames only (frame power above about -55 dBFS), never their labels — for the "
+                  "training, validation and test speakers alike (a speed-perturbed copy of a training speaker "
+                  "gets its own). The test speaker's statistics therefore use all of that speaker's unlabelled "
+                  "test audio, as an enrolment recording would; live, the statistics are running ones per stream.",
+                  ""]
+    if cfg.get("weights") not in ("none", "imagenet", None):
+        lines += [f"CNN initialised from `{cfg['weights']}` (pre-trained on another corpus; no speaker of this one).",
+                  ""]
     lines += ["## Result", "",
               "| metric | this run | paper |", "|---|---|---|"]
     ref = paper_reference(results["corpus"], cfg)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stream_ser.adaptation import stats_by_group
+from stream_ser.adaptation import speech_frames, stats_by_group
 from stream_ser.audio import AudioError
 from stream_ser.config import FrontendConfig, ModelConfig
 from stream_ser.features import Frontend
@@ -73,6 +73,7 @@ class TrainConfig:
     mask_bins: int = 0  # stage 1: one frequency mask of up to N Mel bins per segment
     mixup: float = 0.0  # stage 1: mixup alpha (0: off)
     start_at_speech: bool = False  # the 3 s window starts at the speech onset (FrontendConfig.start_at_speech)
+    stage1_min_speech: float = 0.0  # stage 1 learns only from segments with at least this fraction of speech frames
 
     def __post_init__(self):
         object.__setattr__(self, "speeds", tuple(float(s) for s in self.speeds))
@@ -213,19 +214,30 @@ class SplitData:
     uids: list[str]
     segments: torch.Tensor
     labels: torch.Tensor
+    speech: torch.Tensor | None = None  # [U, S] fraction of each segment's frames that are speech
+
+    def segment_view(self, min_speech: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """All segments [N, C, M, L] with their utterance's label [N]; only those with enough speech."""
+        X = self.segments.reshape(-1, *self.segments.shape[-3:])
+        y = self.labels.repeat_interleave(self.segments.shape[1])
+        if min_speech > 0 and self.speech is not None:
+            keep = (self.speech.reshape(-1) >= min_speech).nonzero().squeeze(1)
+            X, y = X[keep.to(X.device)], y[keep.to(y.device)]
+        return X, y
 
 
 def build_split(bank: FeatureBank, model: EmotionModel, utts: Sequence[Utterance], speeds: Sequence[float],
-                device: torch.device) -> SplitData:
+                device: torch.device, per_speaker: bool = True) -> SplitData:
     """Normalised segments of ``utts`` at each speed.
 
     With ``speaker`` normalisation every speaker's statistics come from all of
     that speaker's utterances in ``utts`` at the same speed (their 3 s windows,
     speech frames only, never labels): a speed-perturbed copy of a speaker is
-    treated as a speaker of its own, as its spectra differ.
+    treated as a speaker of its own, as its spectra differ. ``per_speaker=False``
+    uses the model's stored corpus statistics instead (speaker adaptation off).
     """
-    uids, segs, labels = [], [], []
-    lab = {u.uid: bank.corpus.label_index(u.label) for u in utts}
+    uids, segs, labels, speech = [], [], [], []
+    lab = {u.uid: bank.corpus.label_index(u.label) if u.label in bank.corpus.labels else -1 for u in utts}
     spk = {u.uid: u.speaker for u in utts}
     fe = model.frontend
     for s in speeds:
@@ -234,13 +246,16 @@ def build_split(bank: FeatureBank, model: EmotionModel, utts: Sequence[Utterance
             continue
         uids += [f"{u}@{s:g}" for u in have]
         raw = fe.raw_segments_from_log_mel(lm.to(device))
-        stats = stats_by_group(raw, [spk[u] for u in have]) if fe.config.normalization == "speaker" else None
+        stats = None
+        if fe.config.normalization == "speaker" and per_speaker:
+            stats = stats_by_group(raw, [spk[u] for u in have])
         segs.append(fe.normalize(raw, stats))
+        speech.append(speech_frames(raw).float().mean(-1).cpu())
         del raw
         labels.append(torch.tensor([lab[u] for u in have], dtype=torch.long))
     if not segs:
         raise ValueError("no usable utterances in this split")
-    return SplitData(uids, torch.cat(segs), torch.cat(labels).to(device))
+    return SplitData(uids, torch.cat(segs), torch.cat(labels).to(device), torch.cat(speech))
 
 
 # --- the two stages ----------------------------------------------------------------
@@ -309,10 +324,10 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def _segment_val_uar(model: EmotionModel, val: SplitData, device, amp: bool, batch: int = 256) -> float:
+def _segment_val_uar(model: EmotionModel, val: SplitData, device, amp: bool, min_speech: float = 0.0,
+                     batch: int = 256) -> float:
     model.eval()
-    X = val.segments.reshape(-1, *val.segments.shape[-3:])
-    y = val.labels.repeat_interleave(val.segments.shape[1])
+    X, y = val.segment_view(min_speech)
     preds = []
     for i in range(0, len(X), batch):
         with _autocast(device, amp):
@@ -324,8 +339,10 @@ def stage1_finetune(model: EmotionModel, train: SplitData, val: SplitData | None
                     device: torch.device, gen: torch.Generator, log: Log, progress=None) -> dict:
     """Fine-tune the embedder on segments; keep the epoch with the best validation segment UAR."""
     emb = model.embedder
-    X = train.segments.reshape(-1, *train.segments.shape[-3:])
-    y = train.labels.repeat_interleave(train.segments.shape[1])
+    X, y = train.segment_view(cfg.stage1_min_speech)  # segments of silence carry no emotion: left out when asked
+    if cfg.stage1_min_speech > 0:
+        log(f"stage 1 learns from {len(X)} of {train.segments.shape[0] * train.segments.shape[1]} segments "
+            f"(those with >= {100 * cfg.stage1_min_speech:.0f} % speech frames)")
     K = len(model.labels)
     weight = class_weights(y.cpu(), K).to(device) if cfg.class_weights else None
     opt = _adam(emb.parameters(), cfg.stage1_lr)
@@ -364,7 +381,7 @@ def stage1_finetune(model: EmotionModel, train: SplitData, val: SplitData | None
             total += loss.item() * len(idx)
             n += len(idx)
         secs = time.perf_counter() - t0
-        val_uar = _segment_val_uar(model, val, device, cfg.amp) if val is not None else float("nan")
+        val_uar = _segment_val_uar(model, val, device, cfg.amp, cfg.stage1_min_speech) if val is not None else float("nan")
         rec = {"epoch": epoch, "loss": total / n, "val_segment_uar": val_uar, "seconds": secs,
                "segments_per_s": n / secs}
         history.append(rec)

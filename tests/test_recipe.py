@@ -3,6 +3,7 @@ and the training-recipe levers (masking, mixup, schedules)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -127,3 +128,37 @@ def test_masking_zeroes_bands_and_leaves_the_input_alone():
     assert zero_frames.max() <= 10 and zero_bins.max() <= 6 and zero_frames.sum() > 0 and zero_bins.sum() > 0
     with pytest.raises(ValueError):
         TrainConfig(lr_schedule="sometimes")
+
+
+def test_cross_corpus_scores_the_shared_labels_and_counts_other_answers_as_errors():
+    from offline.cross_corpus import score
+    shared = ["anger", "neutral"]
+    model_labels = ["anger", "boredom", "neutral"]
+    s = score(["anger", "anger", "neutral", "neutral"], ["anger", "boredom", "neutral", "anger"], shared, model_labels)
+    assert s["recall"] == {"anger": 0.5, "neutral": 0.5} and s["uar"] == 0.5 and s["wa"] == 0.5
+    assert s["confusion"] == [[1, 1, 0], [1, 0, 1]]
+
+
+def test_cross_corpus_end_to_end(emodb_dir, ravdess_dir, tmp_path, capsys):
+    out = tmp_path / "x"
+    args = ["cross", "--train", "emodb", "--train-data", str(emodb_dir), "--test", "ravdess", "--test-data",
+            str(ravdess_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--max-per-speaker", "6",
+            "--stage1-epochs", "1", "--stage2-epochs", "1", "--image-size", "64", "--normalization", "speaker"]
+    assert offline_cli.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["shared_labels"] == ["anger", "disgust", "fear", "happiness", "neutral", "sadness"]
+    assert res["left_out_labels"] == ["calm"]  # the first 6 files per actor: neutral and calm
+    assert res["n_test"] == 24 * 4 and set(res["summary"]) == {"adapted", "not_adapted"}
+    run = res["runs"][0]
+    assert len(run["adapted"]["predictions"]["pred"]) == 96 and 0 <= run["adapted"]["uar"] <= 1
+    assert "adaptation on" in (out / "report.md").read_text()
+    assert "ravdess (adapted)" in capsys.readouterr().out
+    # resuming recomputes nothing
+    assert offline_cli.main(args) == 0
+    assert "done before" in (out / "run.log").read_text()
+    # corpora with nothing in common are refused with a clear error
+    bad = tmp_path / "m.csv"
+    bad.write_text("path,label,speaker\nx.wav,growl,s1\n")
+    assert offline_cli.main(["cross", "--train", "emodb", "--train-data", str(emodb_dir), "--test", "csv",
+                             "--test-data", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "share no label" in capsys.readouterr().err

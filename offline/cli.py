@@ -36,10 +36,19 @@ def _speeds(text: str) -> tuple[float, ...]:
 CORPORA = ["emodb", "ravdess", "iemocap", "csv"]
 
 
+def _corpus_kind(text: str) -> str:
+    for part in text.split("+"):
+        if part not in CORPORA:
+            raise argparse.ArgumentTypeError(f"unknown corpus {part!r} (choose from {', '.join(CORPORA)}, "
+                                             "or several joined by +)")
+    return text
+
+
 def _add_training_flags(p: argparse.ArgumentParser, corpus: bool = True) -> None:
     if corpus:
-        p.add_argument("--corpus", choices=CORPORA, required=True,
-                       help="corpus kind; csv: --data is a manifest with path,label,speaker[,fold]")
+        p.add_argument("--corpus", type=_corpus_kind, required=True,
+                       help=f"corpus kind: {', '.join(CORPORA)}; csv: --data is a manifest with "
+                            "path,label,speaker[,fold]; several joined by + (emodb+ravdess, with --data DIR1,DIR2)")
         p.add_argument("--data", required=True, help="corpus folder (EMO-DB: the folder with wav/; RAVDESS: with "
                        "Actor_01..24; IEMOCAP: with Session1..5)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
@@ -103,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(lo)
     lo.add_argument("--out", required=True, help="run folder for results.json, report.md, confusion.png, run.log")
     lo.add_argument("--folds", help="comma-separated subset of folds (test speakers or sessions)")
+    lo.add_argument("--pretrain", type=_corpus_kind, default=None,
+                    help="first pre-train the CNN on this other corpus (no speaker of the test corpus!), once, "
+                         "into the run folder, and start every fold from it (replaces --weights)")
+    lo.add_argument("--pretrain-data", default=None, help="folder of the --pretrain corpus")
+    lo.add_argument("--pretrain-epochs", type=int, default=None, help="stage-1 epochs of the pre-training "
+                    "(default: the preset's stage-1 epochs)")
     x = sub.add_parser("cross", help="train on one corpus, test on another (on the labels they share)")
     x.add_argument("--train", choices=CORPORA, required=True, help="training corpus kind")
     x.add_argument("--train-data", required=True, help="training corpus folder (or CSV manifest)")
@@ -140,6 +155,45 @@ def _progress_and_log(log_path: Path | None):
         finally:
             if fh:
                 fh.close()
+
+
+def pretrain_cnn(args, cfg, corpus, out: Path, device, log, progress):
+    """Train the CNN on ``--pretrain`` once (resumable: kept as ``pretrain-<corpus>.pt`` in the run folder);
+    return ``cfg`` with ``weights`` pointing at it. Refuses a pre-training corpus that shares a speaker."""
+    import dataclasses
+    import json as _json
+    import time as _time
+
+    from stream_ser.model import save_checkpoint
+
+    from .train import FeatureBank, train_model
+
+    if not args.pretrain_data:
+        raise ValueError("--pretrain needs --pretrain-data (the folder of that corpus)")
+    other = load_corpus(args.pretrain, args.pretrain_data)
+    if other.name == corpus.name:
+        raise ValueError("--pretrain must be another corpus than the one evaluated")
+    path = out / f"pretrain-{other.name}.pt"
+    pcfg = dataclasses.replace(cfg, weights="none", stage1_epochs=args.pretrain_epochs or cfg.stage1_epochs,
+                               stage2_epochs=1, runs=1, max_per_speaker=cfg.max_per_speaker)
+    if path.is_file():
+        log(f"pre-trained CNN {path} exists: not recomputed")
+    else:
+        other = other.first_per_speaker(cfg.max_per_speaker)
+        log(f"pre-training the CNN on {other.name} ({len(other.utterances)} utterances, {len(other.speakers)} "
+            f"speakers, {pcfg.stage1_epochs} epochs); every fold starts from it")
+        t0 = _time.time()
+        bank = FeatureBank(other, pcfg.frontend_config(), Path(args.cache_dir), device, log, progress)
+        model, info = train_model(bank, other.utterances, [], pcfg, device, pcfg.seed, log, progress)
+        model.meta = {"trained_on": f"{other.name} (pre-training)", "corpus": other.name,
+                      "train_config": pcfg.to_dict(), "train_seconds": info["train_seconds"]}
+        save_checkpoint(model.cpu(), path)
+        (out / "pretrain.json").write_text(_json.dumps({"corpus": other.name, "data": str(args.pretrain_data),
+                                                        "utterances": len(other.utterances),
+                                                        "config": pcfg.to_dict(),
+                                                        "seconds": _time.time() - t0}, indent=1))
+        log(f"pre-training done in {(_time.time() - t0) / 60:.1f} min: {path}")
+    return dataclasses.replace(cfg, weights=str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "loso":
         out.mkdir(parents=True, exist_ok=True)
         with _progress_and_log(out / "run.log") as (log, progress):
+            if args.pretrain:
+                try:
+                    cfg = pretrain_cnn(args, cfg, corpus, out, device, log, progress)
+                except (CorpusError, ValueError) as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
             log(f"{command}\npreset {cfg.preset}: {cfg.to_dict()} on {device}; {len(corpus.utterances)} utterances")
             results = run_protocol(corpus, cfg, out, device, Path(args.cache_dir), command,
                                    args.folds.split(",") if args.folds else None, log, progress)

@@ -213,8 +213,35 @@ def load_manifest(csv_path: str | Path, labels: Iterable[str] | None = None) -> 
     return Corpus(csv_path.stem, order, utts)
 
 
+def combine(corpora: list[Corpus]) -> Corpus:
+    """Several corpora as one, for multi-corpus training.
+
+    Labels: the union, in the first corpus's order, then new ones sorted. No label
+    is masked: an utterance of a corpus that lacks a label (RAVDESS has no boredom)
+    simply never carries it. Speakers, folds and uids are prefixed with the corpus
+    name (``emodb:03``) so no two corpora can share one.
+    """
+    if len(corpora) == 1:
+        return corpora[0]
+    labels = list(corpora[0].labels)
+    labels += sorted({lab for c in corpora[1:] for lab in c.labels} - set(labels))
+    utts, skipped = [], []
+    for c in corpora:
+        utts += [Utterance(u.path, u.label, f"{c.name}:{u.speaker}", f"{c.name}:{u.fold}", f"{c.name}:{u.uid}")
+                 for u in c.utterances]
+        skipped += c.skipped
+    return Corpus("+".join(c.name for c in corpora), tuple(labels), utts, skipped)
+
+
 def load_corpus(name: str, data: str | Path) -> Corpus:
-    """By name: ``emodb``, ``iemocap``, or ``csv`` (``data`` is the manifest)."""
+    """By name: ``emodb``, ``ravdess``, ``iemocap``, ``csv`` (``data`` is the manifest), or several
+    joined by ``+`` with their folders joined by ``,`` (``emodb+ravdess``, ``DIR1,DIR2``): see :func:`combine`."""
+    if "+" in name:
+        names, dirs = name.split("+"), str(data).split(",")
+        if len(names) != len(dirs):
+            raise CorpusError(f"--corpus {name} names {len(names)} corpora but --data gives {len(dirs)} folders "
+                              "(separate them with commas)")
+        return combine([load_corpus(n, d) for n, d in zip(names, dirs)])
     if name == "emodb":
         return load_emodb(data)
     if name == "iemocap":

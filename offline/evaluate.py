@@ -131,5 +131,7 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
         "compute_seconds": sum(r["seconds"] for r in fold_runs),
         "summary": summarize(fold_runs, corpus.labels),
     }
+    if (out_dir / "pretrain.json").is_file():  # the CNN pre-training this run started from (ser-offline --pretrain)
+        results["pretrain"] = json.loads((out_dir / "pretrain.json").read_text())
     save_json(out_dir / "results.json", results)
     return results

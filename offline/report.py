@@ -82,7 +82,11 @@ def render_markdown(results: dict) -> str:
     lines += [f"Machine: {m.get('cpu')} ({m.get('cores')} cores), device `{m.get('device')}`"
               + (f" ({m['gpu']})" if m.get("gpu") else "") + f", torch {m.get('torch')}, Python {m.get('python')}.",
               f"Compute time: {results['compute_seconds'] / 60:.1f} min over {s['n_fold_runs']} fold-runs "
-              f"({s['n_folds']} folds x {cfg['runs']} runs).", ""]
+              f"({s['n_folds']} folds x {cfg['runs']} runs)"
+              + (f" + {results['pretrain']['seconds'] / 60:.1f} min pre-training the CNN on "
+                 f"{results['pretrain']['corpus']} ({results['pretrain']['utterances']} utterances, once for all "
+                 f"folds) = **{(results['compute_seconds'] + results['pretrain']['seconds']) / 60:.1f} min**"
+                 if results.get("pretrain") else "") + ".", ""]
     if cfg.get("normalization") == "speaker":
         lines += ["Normalisation: **per speaker** (beyond the paper). Each speaker's statistics (mean and std per "
                   "channel and Mel bin) come from that speaker's own utterances only — the 3 s windows the model "

@@ -1,4 +1,4 @@
-"""``stream-ser``: ``live`` (the recognizer), ``watch URL`` (a dashboard subscriber), ``devices``."""
+"""``stream-ser``: ``live`` (the recognizer), ``file PATH...`` (one result per file), ``watch URL``, ``devices``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ EPILOG = """examples:
   stream-ser live                                   microphone if there is one, else the bundled sample
   stream-ser live --source speech.wav --no-dashboard --fast
   stream-ser live --checkpoint model.pt --port 9000 --token s3cret
+  stream-ser file a.wav b.flac --json               one emotion per file, JSON lines
   stream-ser watch ws://127.0.0.1:8765              the dashboard of a running recognizer
   stream-ser devices                                input devices PortAudio sees
 """
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--no-adapt", dest="adapt", action="store_false",
                     help="speaker adaptation off: keep the corpus (or --enroll) statistics fixed instead of "
                          "updating them from the speech heard")
+    f = sub.add_parser("file", help="one emotion per file (the utterance-level prediction), text or JSON lines",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("paths", nargs="+", metavar="PATH", help="audio files (WAV, FLAC, ... any rate); - reads stdin")
+    f.add_argument("--json", action="store_true", help="one JSON object per file per line on stdout")
+    f.add_argument("--windows", action="store_true", help="also the rolling 3 s predictions (every 320 ms)")
+    f.add_argument("--checkpoint", default=None, help="model checkpoint (.pt); default: the bundled model")
+    f.add_argument("--device", default="cpu", help="cpu or cuda")
     w = sub.add_parser("watch", help="show the dashboard of a running recognizer")
     w.add_argument("url", help="websocket address, e.g. ws://127.0.0.1:8765")
     w.add_argument("--token", default=None)
@@ -117,6 +125,50 @@ def open_source(args):
         raise CaptureError(str(e)) from None
 
 
+def run_file_mode(args) -> int:
+    """``stream-ser file``: results on stdout, logs and errors on stderr; exit 1 if any file failed."""
+    import io
+    import json
+
+    from .api import EmotionRecognizer
+    from .audio import AudioError
+    from .model import CheckpointError
+
+    try:
+        rec = EmotionRecognizer(open_model(args.checkpoint, args.device))
+    except (CheckpointError, ValueError) as e:
+        return _fail(str(e))
+    print(f"model: {rec.describe()}", file=sys.stderr)
+    failed = 0
+    for path in args.paths:
+        try:
+            if path == "-":
+                import soundfile as sf
+                data, rate = sf.read(io.BytesIO(sys.stdin.buffer.read()), dtype="float32", always_2d=True)
+                r = rec.recognize(data, sample_rate=rate, windows=args.windows)
+            else:
+                r = rec.recognize(path, windows=args.windows)
+        except (AudioError, ValueError, RuntimeError) as e:  # soundfile raises RuntimeError subclasses on stdin
+            failed += 1
+            msg = str(e) if path in str(e) else f"{path}: {e}"
+            if args.json:
+                print(json.dumps({"path": path, "error": msg}), flush=True)
+            print(f"error: {msg}", file=sys.stderr)
+            continue
+        d = r.to_dict()
+        if not args.windows:
+            d.pop("windows")
+        if args.json:
+            print(json.dumps({"path": path, **d}), flush=True)
+        else:
+            what = f"{r.label} {100 * r.confidence:.1f}%" if r.label else "no speech"
+            print(f"{path}: {what}  ({r.duration_s:.2f} s, speech activity {100 * r.speech_activity:.0f}%)", flush=True)
+            for w in r.windows:
+                print(f"  {w.start_s:6.2f}-{w.end_s:6.2f} s  {w.label or 'no speech':<10s} "
+                      f"{100 * w.confidence:5.1f}%", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "devices":
@@ -130,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in devs:
             print(f"{d['index']:3d}  {d['name']}  ({d['channels']} ch, {d['default_samplerate']:.0f} Hz, {d['hostapi']})")
         return 0
+    if args.cmd == "file":
+        return run_file_mode(args)
     if args.cmd == "watch":
         from .dashboard import watch
         try:

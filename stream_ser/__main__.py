@@ -1,0 +1,8 @@
+"""`python -m stream_ser` is `stream-ser`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The Python API: ``load_model()`` -> ``.recognize(path_or_array)`` for a whole file, ``.stream(rate)`` live.
+
+    import stream_ser
+    model = stream_ser.load_model()                  # the bundled model (or a checkpoint path)
+    r = model.recognize("speech.wav")                # or (array, sample_rate=...)
+    r.label, r.confidence, r.probabilities, r.windows
+    s = model.stream(sample_rate=48_000)
+    for w in s.push(chunk): ...                      # a rolling 3 s window every 320 ms
+
+The whole-file answer is the prediction the offline evaluation makes: the
+utterance's 3 s window (zero-padded when shorter), with a speaker-normalised
+model normalised by the file's own speech statistics pooled with the corpus's
+(as a live stream would hold after hearing the file). ``windows`` are the rolling
+predictions the live recognizer emits for the same audio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adaptation import RunningStats
+from .audio import AudioError, check_samples, load_audio
+from .recognizer import ACTIVITY_THRESHOLD_DBFS, Prediction, StreamingRecognizer, _dbfs
+
+MIN_SPEECH_ACTIVITY = 0.1  # fewer active frames than this: no speech, no emotion (label None)
+
+
+@dataclass
+class Window:
+    """One rolling 3 s prediction (times in seconds from the start of the audio)."""
+
+    start_s: float
+    end_s: float
+    label: str | None  # None: not enough speech in the window
+    confidence: float
+    probabilities: dict[str, float]
+    speech_activity: float
+    speech: bool
+
+    @classmethod
+    def from_prediction(cls, p: Prediction) -> "Window":
+        speech = p.speech_activity >= MIN_SPEECH_ACTIVITY
+        return cls(p.window_start_s, p.window_end_s, p.label if speech else None, p.confidence, p.probabilities,
+                   p.speech_activity, speech)
+
+
+@dataclass
+class Result:
+    """What :meth:`EmotionRecognizer.recognize` returns for one file or array."""
+
+    label: str | None  # None when the audio holds no speech
+    confidence: float  # probability of the top label
+    probabilities: dict[str, float]
+    speech_activity: float  # fraction of 10 ms frames above the activity threshold
+    duration_s: float
+    windows: list[Window] = field(default_factory=list)
+
+    @property
+    def speech(self) -> bool:
+        return self.label is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"speech": self.speech}
+
+
+def to_mono_16k(audio, sample_rate: int | None, target: int = 16_000, source: str = "array") -> np.ndarray:
+    """A numpy/torch array [N], [N, C] or [C, N] (C <= 8) at ``sample_rate`` -> float32 mono [N'] at ``target``."""
+    if sample_rate is None:
+        raise ValueError("sample_rate is required for an array (e.g. recognize(x, sample_rate=16000))")
+    if not isinstance(sample_rate, (int, np.integer)) or not 1_000 <= int(sample_rate) <= 384_000:
+        raise ValueError(f"sample_rate must be an integer number of Hz (1000-384000), got {sample_rate!r}")
+    x = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    if x.ndim == 2 and x.shape[0] <= 8 < x.shape[1]:
+        x = x.T  # channels first -> [N, C]
+    x = check_samples(x, source)
+    if int(sample_rate) != target and x.size:
+        import soxr
+        x = soxr.resample(x, int(sample_rate), target).astype(np.float32)
+    return x
+
+
+def _activity(x: np.ndarray, win: int = 400, hop: int = 160) -> float:
+    if x.size < win:
+        return 0.0
+    frames = np.lib.stride_tricks.sliding_window_view(x, win)[::hop]
+    return float((_dbfs(np.square(frames, dtype=np.float64).mean(axis=1)) > ACTIVITY_THRESHOLD_DBFS).mean())
+
+
+class Stream:
+    """Live use from Python: ``push(chunk) -> list[Window]`` at any sample rate; ``reset()``."""
+
+    def __init__(self, model, sample_rate: int = 16_000):
+        self.model = model
+        self.sample_rate = int(sample_rate)
+        self.recognizer = StreamingRecognizer(model)
+        self._resampler = None
+        if self.sample_rate != model.frontend_config.sample_rate:
+            import soxr
+            self._resampler = soxr.ResampleStream(self.sample_rate, model.frontend_config.sample_rate, 1,
+                                                  dtype="float32")
+
+    def push(self, chunk) -> list[Window]:
+        x = check_samples(chunk.detach().cpu().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk),
+                          "chunk")
+        if self._resampler is not None:
+            x = self._resampler.resample_chunk(x)
+        return [Window.from_prediction(p) for p in self.recognizer.push(x)]
+
+    def reset(self) -> None:
+        self.recognizer.reset()
+
+
+class EmotionRecognizer:
+    """A loaded model with the whole-file and streaming entry points (see the module docstring)."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.model.labels
+
+    def describe(self) -> str:
+        return self.model.describe()
+
+    def recognize(self, audio, sample_rate: int | None = None, windows: bool = True) -> Result:
+        """A file path (any rate libsndfile reads, mono or multi-channel) or an array with ``sample_rate``."""
+        fc = self.model.frontend_config
+        if isinstance(audio, (str, Path)):
+            x = load_audio(audio, fc.sample_rate).numpy()
+            if sample_rate is not None:
+                raise ValueError("sample_rate is only for arrays; a file says its own")
+        else:
+            x = to_mono_16k(audio, sample_rate, fc.sample_rate)
+        if x.size == 0:
+            raise AudioError("array" if not isinstance(audio, (str, Path)) else audio, "no samples")
+        wave = torch.from_numpy(x)
+        stats = None
+        fe = self.model.frontend
+        if fc.normalization == "speaker":
+            rs = RunningStats(fe.corpus_stats())
+            with torch.no_grad():
+                rs.update(fe.raw_segments_from_log_mel(fe.log_mel(wave.to(self.model.device))))
+            cur = rs.current()
+            stats = (cur.mean, cur.std)
+        probs = self.model.predict([wave], stats=stats)[0].numpy()
+        activity = _activity(x)
+        top = int(np.argmax(probs))
+        label = self.labels[top] if activity >= MIN_SPEECH_ACTIVITY else None
+        wins = []
+        if windows:
+            wins = [Window.from_prediction(p) for p in StreamingRecognizer(self.model).push(x)]
+        return Result(label, float(probs[top]), {lab: float(p) for lab, p in zip(self.labels, probs)}, activity,
+                      x.size / fc.sample_rate, wins)
+
+    def stream(self, sample_rate: int = 16_000) -> Stream:
+        return Stream(self.model, sample_rate)
+
+
+def load_model(path: str | Path | None = None, device: str = "cpu") -> EmotionRecognizer:
+    """The bundled model (``path=None``) or a checkpoint, on ``device`` ("cpu", "cuda", "cuda:N")."""
+    from .model import CheckpointError, load_checkpoint
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} asked for, but torch sees no CUDA device")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise CheckpointError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if path is None:
+        from .assets import default_checkpoint
+        path = default_checkpoint()
+        if path is None:
+            raise CheckpointError("no bundled model in this install; pass load_model(path) to a checkpoint")
+    return EmotionRecognizer(load_checkpoint(path, device))

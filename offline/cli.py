@@ -34,6 +34,10 @@ def _speeds(text: str) -> tuple[float, ...]:
 
 
 CORPORA = ["emodb", "ravdess", "iemocap", "csv"]
+# terms a model trained on each corpus inherits (shown in the model's meta, hello message and README)
+LICENCES = {"emodb": "EMO-DB: free for research (Burkhardt et al. 2005)",
+            "ravdess": "CC BY-NC-SA 4.0 (RAVDESS, Livingstone & Russo 2018): non-commercial, share-alike",
+            "iemocap": "IEMOCAP licence (USC SAIL): research only"}
 
 
 def _corpus_kind(text: str) -> str:
@@ -91,6 +95,15 @@ def _add_training_flags(p: argparse.ArgumentParser, corpus: bool = True) -> None
     g.add_argument("--max-per-speaker", type=int, help="use at most N utterances per speaker (smoke runs)")
 
 
+def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrain", type=_corpus_kind, default=None,
+                   help="first pre-train the CNN on this other corpus (no speaker of the evaluated corpus), once, "
+                        "into the output folder, and start from it (replaces --weights)")
+    p.add_argument("--pretrain-data", default=None, help="folder of the --pretrain corpus")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="stage-1 epochs of the pre-training "
+                   "(default: the preset's stage-1 epochs)")
+
+
 OVERRIDE_KEYS = ["stage1_epochs", "stage1_batch", "stage1_lr", "stage2_epochs", "stage2_batch", "stage2_lr", "speeds",
                  "runs", "weights", "seed", "image_size", "channels", "segment_frames", "normalization", "attention",
                  "arch", "class_weights", "amp", "max_per_speaker", "lr_schedule", "label_smoothing",
@@ -108,16 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-speaker", action="append", default=[],
                    help="hold this speaker out for model selection (repeatable); default: train on all, last epoch")
     t.add_argument("--compact", action="store_true", help="also write an int8 compact copy next to --out")
+    _add_pretrain_flags(t)
     lo = sub.add_parser("loso", help="leave-one-speaker-out (EMO-DB) / leave-one-session-out (IEMOCAP) evaluation")
     _add_training_flags(lo)
     lo.add_argument("--out", required=True, help="run folder for results.json, report.md, confusion.png, run.log")
     lo.add_argument("--folds", help="comma-separated subset of folds (test speakers or sessions)")
-    lo.add_argument("--pretrain", type=_corpus_kind, default=None,
-                    help="first pre-train the CNN on this other corpus (no speaker of the test corpus!), once, "
-                         "into the run folder, and start every fold from it (replaces --weights)")
-    lo.add_argument("--pretrain-data", default=None, help="folder of the --pretrain corpus")
-    lo.add_argument("--pretrain-epochs", type=int, default=None, help="stage-1 epochs of the pre-training "
-                    "(default: the preset's stage-1 epochs)")
+    _add_pretrain_flags(lo)
     x = sub.add_parser("cross", help="train on one corpus, test on another (on the labels they share)")
     x.add_argument("--train", choices=CORPORA, required=True, help="training corpus kind")
     x.add_argument("--train-data", required=True, help="training corpus folder (or CSV manifest)")
@@ -282,12 +291,26 @@ def main(argv: list[str] | None = None) -> int:
     log_path = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     with _progress_and_log(log_path) as (log, progress):
+        if args.pretrain:
+            try:
+                cfg = pretrain_cnn(args, cfg, corpus, out.parent, device, log, progress)
+            except (CorpusError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         log(f"{command}\npreset {cfg.preset}: {cfg.to_dict()} on {device}")
         bank = FeatureBank(corpus, cfg.frontend_config(), Path(args.cache_dir), device, log, progress)
         model, info = train_model(bank, train_u, val_u, cfg, device, cfg.seed, log, progress)
+    pre = ""
+    if args.pretrain:
+        pre = f"; CNN pre-trained on {args.pretrain}"
+    licence = LICENCES.get(corpus.name.split("+")[0], "")
+    for name in corpus.name.split("+")[1:] + ([args.pretrain] if args.pretrain else []):
+        if LICENCES.get(name, "").startswith("CC BY-NC"):
+            licence = LICENCES[name]
     model.meta = {
         "trained_on": f"{corpus.name} ({', '.join(corpus.speakers) if len(corpus.speakers) <= 12 else str(len(corpus.speakers)) + ' speakers'};"
-                      f" {len(train_u)} utterances{'; German acted speech' if corpus.name == 'emodb' else ''})",
+                      f" {len(train_u)} utterances{'; German acted speech' if corpus.name == 'emodb' else ''}{pre})",
+        "licence": licence, "pretrained_on": args.pretrain,
         "corpus": corpus.name, "speakers": sorted({u.speaker for u in train_u}), "val_speakers": sorted(val_spk),
         "train_config": cfg.to_dict(), "command": command, "train_seconds": info["train_seconds"],
         "bad_files": len([k for k in bank.bad if "/" in k]), "created": time.strftime("%Y-%m-%d %H:%M:%S"),

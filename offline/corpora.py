@@ -202,9 +202,16 @@ def load_manifest(csv_path: str | Path, labels: Iterable[str] | None = None) -> 
                 p = csv_path.parent / p
             if not row["label"] or not row["speaker"]:
                 raise CorpusError(f"{csv_path}:{i}: empty label or speaker")
-            utts.append(Utterance(p, row["label"], row["speaker"], row.get("fold") or row["speaker"], p.stem))
+            # the uid is the path relative to the manifest (without suffix), so spkA/clip.wav and
+            # spkB/clip.wav stay two utterances; absolute paths keep their whole path
+            rel = Path(row["path"])
+            uid = (rel.with_suffix("") if not rel.is_absolute() else p.with_suffix("")).as_posix()
+            utts.append(Utterance(p, row["label"], row["speaker"], row.get("fold") or row["speaker"], uid))
     if not utts:
         raise CorpusError(f"{csv_path}: no rows")
+    dup = [uid for uid, n in Counter(u.uid for u in utts).items() if n > 1]
+    if dup:
+        raise CorpusError(f"{csv_path}: the same file is listed more than once ({dup[:3]})")
     found = sorted({u.label for u in utts})
     order = tuple(labels) if labels else tuple(found)
     missing = set(found) - set(order)

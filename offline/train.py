@@ -136,8 +136,11 @@ def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
 class FeatureBank:
     """log-Mel [M, T] of each utterance's 3 s window, per speed, cached on disk.
 
-    The cache file is keyed by corpus, front-end (``FrontendConfig.log_mel_key``) and
-    speed; missing utterances are computed and added. Bad audio files are reported
+    The cache file is named by corpus, front-end (``FrontendConfig.log_mel_key``) and
+    speed; every entry carries its file's path, size and modification time and is
+    used only while they still match, so two corpora with one name never share
+    features and a changed (or repaired) file is recomputed. Missing utterances are
+    computed and added. Bad audio files are reported
     once through ``log`` and counted in ``bad``; they are left out, never fatal.
     """
 
@@ -158,13 +161,30 @@ class FeatureBank:
             return None
         return self.cache_dir / f"{self.corpus.name}-{self.frontend.config.log_mel_key()}-x{speed:.2f}.pt"
 
+    def _fingerprint(self, uid: str) -> list:
+        """What an entry was computed from: the file's path, size and modification time."""
+        path = self.by_uid[uid].path
+        try:
+            st = path.stat()
+            return [str(path), st.st_size, st.st_mtime_ns]
+        except OSError:
+            return [str(path), -1, -1]
+
     def _load_cache(self, speed: float) -> dict[str, torch.Tensor]:
+        """Cached entries whose file is unchanged (same path, size, mtime); others are recomputed.
+
+        A file that was bad is tried again when it has changed since."""
         path = self._cache_path(speed)
         if path and path.is_file():
             try:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
-                self.bad.update(blob.get("bad", {}))
-                return dict(zip(blob["uids"], blob["log_mel"].unbind(0)))
+                prints = blob.get("fingerprints", {})
+                fresh = lambda uid: uid in self.by_uid and prints.get(uid) == self._fingerprint(uid)
+                for uid, reason in blob.get("bad", {}).items():
+                    if fresh(uid):
+                        self.bad[uid] = reason
+                        self.bad[str(self.by_uid[uid].path)] = reason
+                return {u: x for u, x in zip(blob["uids"], blob["log_mel"].unbind(0)) if fresh(u)}
             except Exception as e:  # a damaged cache is recomputed, not fatal
                 self.log(f"feature cache {path} unreadable ({e}); recomputing")
         return {}
@@ -174,9 +194,22 @@ class FeatureBank:
         if not path or not table:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        old: dict = {}
+        if path.is_file():  # keep entries of utterances this corpus object does not hold (a subset run)
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                old = {u: (x, blob.get("fingerprints", {}).get(u)) for u, x in zip(blob["uids"], blob["log_mel"].unbind(0))
+                       if u not in self.by_uid}
+            except Exception:
+                old = {}
         uids = sorted(table)
+        bad = {u: r for u, r in self.bad.items() if u in self.by_uid}
+        entries = {u: (table[u], self._fingerprint(u)) for u in uids} | old
+        keys = sorted(entries)
         tmp = path.with_suffix(".tmp")
-        torch.save({"uids": uids, "log_mel": torch.stack([table[u] for u in uids]), "bad": self.bad}, tmp)
+        prints = {u: entries[u][1] for u in keys} | {u: self._fingerprint(u) for u in bad}
+        torch.save({"uids": keys, "log_mel": torch.stack([entries[u][0] for u in keys]), "fingerprints": prints,
+                    "bad": bad}, tmp)
         tmp.replace(path)
 
     def log_mels(self, uids: Sequence[str], speed: float) -> tuple[list[str], torch.Tensor]:

@@ -324,7 +324,8 @@ class EmotionModel(nn.Module):
         """One line for dashboards and logs: architecture and what it was trained on."""
         mc = self.model_config
         trained = self.meta.get("trained_on", "untrained (random initialisation)")
-        return f"{mc.arch} ({len(mc.labels)} classes) — {trained}"
+        licence = f"; terms: {self.meta['licence']}" if self.meta.get("licence") else ""
+        return f"{mc.arch} ({len(mc.labels)} classes) — {trained}{licence}"
 
 
 # --- checkpoints -------------------------------------------------------------------

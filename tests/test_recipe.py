@@ -162,3 +162,34 @@ def test_cross_corpus_end_to_end(emodb_dir, ravdess_dir, tmp_path, capsys):
     assert offline_cli.main(["cross", "--train", "emodb", "--train-data", str(emodb_dir), "--test", "csv",
                              "--test-data", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert "share no label" in capsys.readouterr().err
+
+
+def test_loso_with_pretraining_on_another_corpus(emodb_dir, ravdess_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["loso", "--corpus", "emodb", "--data", str(emodb_dir), "--preset", "cpu", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--max-per-speaker", "3", "--folds", "03",
+            "--stage1-epochs", "1", "--stage2-epochs", "1", "--pretrain", "ravdess", "--pretrain-data",
+            str(ravdess_dir), "--pretrain-epochs", "1"]
+    assert offline_cli.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["weights"].endswith("pretrain-ravdess.pt") and res["pretrain"]["corpus"] == "ravdess"
+    assert res["pretrain"]["utterances"] == 72 and res["config"]["normalization"] == "speaker"
+    assert "pre-training the CNN on ravdess" in (out / "report.md").read_text()
+    pre = torch.load(out / "pretrain-ravdess.pt", weights_only=True)
+    assert pre["meta"]["corpus"] == "ravdess"
+    # the same corpus cannot pre-train itself
+    bad = offline_cli.main(["loso", "--corpus", "emodb", "--data", str(emodb_dir), "--out", str(tmp_path / "b"),
+                            "--pretrain", "emodb", "--pretrain-data", str(emodb_dir)])
+    assert bad == 2
+
+
+def test_train_with_pretraining_records_the_licence(emodb_dir, ravdess_dir, tmp_path):
+    out = tmp_path / "m" / "model.pt"
+    assert offline_cli.main(["train", "--corpus", "emodb", "--data", str(emodb_dir), "--preset", "cpu",
+                             "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--max-per-speaker", "2",
+                             "--stage1-epochs", "1", "--stage2-epochs", "1", "--pretrain", "ravdess",
+                             "--pretrain-data", str(ravdess_dir), "--pretrain-epochs", "1"]) == 0
+    from stream_ser.model import load_checkpoint
+    m = load_checkpoint(out)
+    assert "CC BY-NC-SA 4.0" in m.meta["licence"] and "pre-trained on ravdess" in m.describe()
+    assert m.frontend_config.normalization == "speaker" and (out.parent / "pretrain-ravdess.pt").is_file()

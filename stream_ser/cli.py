@@ -17,6 +17,33 @@ EPILOG = """examples:
 """
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535 (0: any free port), got {v}")
+    return v
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _device(text: str) -> str:
+    import re
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="stream-ser", description="Real-time speech emotion recognition: a rolling 3 s "
                                  "prediction every 320 ms, broadcast over a websocket and shown in the terminal.",
@@ -29,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "device exists, else the bundled sample")
     lv.add_argument("--checkpoint", default=None,
                     help="model checkpoint (.pt); default: the bundled model. 'random' = untrained (pipeline tests)")
-    lv.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    lv.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
     lv.add_argument("--host", default="127.0.0.1", help="websocket bind address (0.0.0.0 exposes it to the network)")
-    lv.add_argument("--port", type=int, default=8765, help="websocket port (0: any free port)")
+    lv.add_argument("--port", type=_port, default=8765, help="websocket port (0: any free port)")
     lv.add_argument("--token", default=None, help="require this token from subscribers (?token= or Bearer header)")
     lv.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                     help="no terminal dashboard; log one line per prediction instead")
@@ -39,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--loop", action="store_true", help="replay a file forever")
     lv.add_argument("--wait-for-subscriber", action="store_true", help="hold the source until a subscriber connects")
     lv.add_argument("--input-device", default=None, help="microphone by index or name (see `stream-ser devices`)")
-    lv.add_argument("--queue-size", type=int, default=256, help="messages queued per subscriber before the oldest drop")
+    lv.add_argument("--queue-size", type=_positive, default=256, help="messages queued per subscriber before the oldest drop")
     lv.add_argument("--producers", action="store_true",
                     help="also take audio from websocket producers (binary 16-bit PCM frames; each gets a stream id)")
-    lv.add_argument("--max-frame-bytes", type=int, default=64_000, help="largest binary audio frame a producer may send")
+    lv.add_argument("--max-frame-bytes", type=_positive, default=64_000, help="largest binary audio frame a producer may send")
     lv.add_argument("--allow-fast-producers", action="store_true",
                     help="let producers send faster than real time (e.g. to analyse files)")
     lv.add_argument("--enroll", default=None, metavar="FILE",
@@ -57,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="one JSON object per file per line on stdout")
     f.add_argument("--windows", action="store_true", help="also the rolling 3 s predictions (every 320 ms)")
     f.add_argument("--checkpoint", default=None, help="model checkpoint (.pt); default: the bundled model")
-    f.add_argument("--device", default="cpu", help="cpu or cuda")
+    f.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     w = sub.add_parser("watch", help="show the dashboard of a running recognizer")
     w.add_argument("url", help="websocket address, e.g. ws://127.0.0.1:8765")
     w.add_argument("--token", default=None)
@@ -110,6 +137,8 @@ def open_source(args):
             mic.start()  # a device that is listed but cannot record counts as no microphone
             return mic
         except CaptureError as e:
+            if args.input_device is not None:  # a device the user named must exist: no silent fallback
+                raise CaptureError(f"--input-device {args.input_device}: {e}") from None
             from .assets import sample_path
             sample = sample_path()
             if sample is None:

@@ -16,6 +16,7 @@ import torch
 import torchaudio.functional as AF
 
 TARGET_RATE_HZ = 16_000
+MAX_ABS_SAMPLE = 1_000.0  # float audio is in [-1, 1]; a little over is clipping, this far over is not audio
 
 
 class AudioError(ValueError):
@@ -43,6 +44,11 @@ def check_samples(x: np.ndarray, source: str = "samples") -> np.ndarray:
     if x.size and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
         raise AudioError(source, f"{bad} of {x.size} samples are NaN or infinite")
+    if x.size:
+        peak = float(np.abs(x).max())
+        if peak > MAX_ABS_SAMPLE:  # e.g. a float file scaled by 1e30: its power overflows to inf, then NaN
+            raise AudioError(source, f"samples reach {peak:.3g}; float audio must lie in [-1, 1] "
+                                     f"(more than {MAX_ABS_SAMPLE:g} is not audio: wrongly scaled?)")
     return x
 
 

@@ -84,6 +84,13 @@ class FrontendConfig:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.channels not in (1, 2, 3):
             raise ValueError(f"channels must be 1, 2 or 3, got {self.channels}")
+        for name in ("sample_rate", "win_length", "hop_length", "n_fft", "n_mels", "segment_frames"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.image_size < 63:  # AlexNet's third max-pool needs a 3 x 3 map: 63 px in
+            raise ValueError(f"image_size must be at least 63 px (AlexNet's smallest input), got {self.image_size}")
+        if not 0 < self.utterance_s <= 60:
+            raise ValueError(f"utterance_s must be in (0, 60], got {self.utterance_s}")
         if self.win_length > self.n_fft:
             raise ValueError("win_length must not exceed n_fft")
         if not 1 <= self.segment_shift <= self.segment_frames:

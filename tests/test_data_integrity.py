@@ -81,3 +81,31 @@ def test_a_repaired_file_is_used_again(tmp_path):
     after = FeatureBank(load_manifest(m), FrontendConfig(), tmp_path / "cache", torch.device("cpu"),
                         log=lambda x: None).log_mels(["b"], 1.0)[1][0]
     assert not torch.allclose(before, after)
+
+
+def test_absurdly_scaled_audio_is_a_bad_file_not_nan(tmp_path):
+    from offline.corpora import load_waves
+    from stream_ser.audio import AudioError, check_samples, load_audio
+    path = tmp_path / "huge.wav"
+    sf.write(path, (np.sin(np.arange(16000) / 10) * 1e30).astype(np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="must lie in"):
+        load_audio(path)
+    c = load_manifest(_manifest(tmp_path, [("huge.wav", "x", "s")]))
+    waves, bad = load_waves(c.utterances)
+    assert not waves and len(bad) == 1  # reported and counted, the corpus run goes on
+    assert check_samples(np.full(10, 1.5, np.float32)).max() == 1.5  # mild clipping is still audio
+
+
+@pytest.mark.parametrize("field,value", [("hop_length", 0), ("sample_rate", 0), ("image_size", 8),
+                                         ("n_mels", -1), ("utterance_s", 0.0)])
+def test_impossible_frontend_configs_are_refused(field, value, tmp_path):
+    from stream_ser.model import CheckpointError, EmotionModel, load_checkpoint, save_checkpoint
+    with pytest.raises(ValueError, match=field):
+        FrontendConfig(**{field: value})
+    # a checkpoint carrying one is a clear CheckpointError, not a crash later
+    path = save_checkpoint(EmotionModel(FrontendConfig(image_size=64)), tmp_path / "m.pt", compact=True)
+    payload = torch.load(path, weights_only=True)
+    payload["frontend_config"][field] = value
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=field):
+        load_checkpoint(path)

@@ -65,3 +65,18 @@ def test_portaudio_status_flags_are_shown():
     s = DashboardState()
     s.update(P.status(portaudio_status={"input_overflow": 4, "input_underflow": 0, "other": 1}))
     assert "PortAudio: 4 input overflows, 0 underflows, 1 other" in _text(s)
+
+
+def test_speaker_adaptation_is_shown():
+    s = DashboardState()
+    msg = _pred(1, "anger", 0.7)
+    msg["adaptation"] = {"on": True, "speech_s": 12.34, "enrolled": False}
+    s.update(msg)
+    out = _text(s)
+    assert "speaker adapt" in out and "on: 12.3 s of this speaker's speech" in out
+    msg = _pred(2, "anger", 0.7)
+    msg["adaptation"] = {"on": False, "speech_s": 4.0, "enrolled": True}
+    s.update(msg)
+    assert "frozen: enrolled + 4.0 s" in _text(s)
+    s.update(_pred(3, "anger", 0.7))  # a model without speaker normalisation: no such row
+    assert "speaker adapt" not in _text(s)

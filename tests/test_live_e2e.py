@@ -213,3 +213,28 @@ def test_live_from_the_microphone_through_portaudio(alsa_mic, checkpoint):
     assert "source: microphone: default" in proc.first_line
     last = out.strip().splitlines()[-1]
     assert last.startswith("stopped:") and "1.00 per segment" in last and "overruns" in last
+
+
+def test_live_speaker_adaptation_with_enrolment(tmp_path, emodb_wav):
+    from stream_ser.config import FrontendConfig
+    torch.manual_seed(7)
+    m = EmotionModel(FrontendConfig(normalization="speaker", image_size=64))
+    fe = m.frontend
+    m.frontend.set_corpus_stats(fe.raw_segments_from_log_mel(fe.log_mel(load_audio(emodb_wav("03a01Wa")))))
+    ckpt = save_checkpoint(m, tmp_path / "spk.pt", compact=True)
+    proc, url = _start(["live", "--source", str(emodb_wav(FILE)), "--checkpoint", str(ckpt), "--no-dashboard",
+                        "--fast", "--port", "0", "--wait-for-subscriber", "--enroll", str(emodb_wav("16a01Ec"))])
+    msgs = asyncio.run(_collect(url))
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    hello = msgs[0]
+    assert hello["adaptation"]["enrolled"] is True and hello["adaptation"]["on"] is True
+    preds = [x for x in msgs if x["type"] == "prediction"]
+    assert len(preds) == 5 and all(p["adaptation"]["enrolled"] for p in preds)
+    seen = [p["adaptation"]["speech_s"] for p in preds]
+    assert seen[0] > hello["adaptation"]["speech_s"] and seen == sorted(seen)  # grows as the speaker talks
+    # --enroll with a model that does not normalise per speaker: one clear line, exit 2
+    bad = subprocess.run([str(BIN / "stream-ser"), "live", "--checkpoint", str(tmp_path / "spk.pt"), "--enroll",
+                          str(tmp_path / "missing.wav"), "--source", str(emodb_wav(FILE))],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--enroll" in bad.stderr and "Traceback" not in bad.stderr

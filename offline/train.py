@@ -507,9 +507,6 @@ def train_model(bank: FeatureBank, train_utts: Sequence[Utterance], val_utts: Se
                 device: torch.device, seed: int, log: Log = print, progress=None) -> tuple[EmotionModel, dict]:
     """Both stages on ``train_utts`` (augmented with ``cfg.speeds``), selected on ``val_utts`` (never augmented)."""
     gen = seed_everything(seed)
-    # Denormal floats (weights and gradients decaying towards zero late in training) slow CPU
-    # arithmetic by up to ~2x; flushing them to zero changes nothing that matters numerically.
-    torch.set_flush_denormal(True)
     model = EmotionModel(cfg.frontend_config(), cfg.model_config(bank.corpus.labels), weights=cfg.weights).to(device)
     t0 = time.perf_counter()
     if cfg.normalization in ("corpus", "speaker"):  # speaker: the corpus statistics are the live warm-up

@@ -112,8 +112,11 @@ def load_ravdess(root: str | Path) -> Corpus:
     """RAVDESS speech (audio only) from its file names (``Actor_05/03-01-06-02-01-02-05.flac``).
 
     Fields: modality 03 (audio), channel 01 (speech), emotion, intensity (01 normal,
-    02 strong), statement, repetition, actor. The actor is the speaker and the fold;
-    the uid is the file stem (unique: it contains the actor).
+    02 strong), statement, repetition, actor. The actor is the speaker; the fold is
+    a group of 4 consecutive actors (6 folds: ``actors01-04`` ... ``actors21-24``, 2
+    women and 2 men each), so speaker-independent evaluation tests 4 actors, validates
+    on one actor of the next group and trains on the other 19. The uid is the file
+    stem (unique: it contains the actor).
     """
     root = Path(root)
     if not root.is_dir():
@@ -130,7 +133,8 @@ def load_ravdess(root: str | Path) -> Corpus:
         if p.parent.name != f"Actor_{actor}":
             skipped.append((str(p), f"actor {actor} in the name but in folder {p.parent.name}"))
             continue
-        utts.append(Utterance(p, RAVDESS_CODES[code], actor, actor, p.stem))
+        group = f"actors{4 * ((int(actor) - 1) // 4) + 1:02d}-{4 * ((int(actor) - 1) // 4) + 4:02d}"
+        utts.append(Utterance(p, RAVDESS_CODES[code], actor, group, p.stem))
     if not utts:
         raise CorpusError(f"no RAVDESS speech files (03-01-*.flac) under {root}/Actor_*")
     return Corpus("ravdess", RAVDESS_LABELS, utts, skipped)

@@ -43,6 +43,11 @@ def test_ravdess_counts_match_its_readme(ravdess_dir):
     assert all(n == (4 if lab == "neutral" else 8) for (_, lab), n in per_actor_label.items())
     assert Counter(ravdess_intensity(u) for u in c.utterances) == {"normal": 768, "strong": 672}
     assert len({u.uid for u in c.utterances}) == 1440
+    from offline.evaluate import make_folds
+    folds = make_folds(c)
+    assert len(folds) == 6 and all(len(f.test) == 4 and len(f.val) == 1 and len(f.train) == 19 for f in folds)
+    assert sorted(s for f in folds for s in f.test) == c.speakers  # every actor tested exactly once
+    assert all(not (set(f.test) & (set(f.val) | set(f.train))) for f in folds)
 
 
 def test_ravdess_bad_names_are_reported_not_fatal(tmp_path, ravdess_dir):

@@ -125,7 +125,8 @@ class LiveApp:
             print(f"#{pred['seq']:<5d} {pred['window_start_s']:7.2f}-{pred['window_end_s']:7.2f} s  "
                   f"{pred['label']:<10s} {100 * pred['confidence']:5.1f}%  activity {100 * pred['speech_activity']:3.0f}%"
                   f"  latency {t['total']:6.1f} ms (front-end {t['frontend']:.1f}, CNN {t['embed']:.1f}, "
-                  f"head {t['head']:.1f})", file=self.out, flush=True)
+                  f"head {t['head']:.1f})" + (f"  speaker stats {pred['adaptation']['speech_s']:.1f} s"
+                                             if pred.get("adaptation") else ""), file=self.out, flush=True)
 
     def status_message(self) -> dict:
         src = self.source.stats() if self.source is not None else {}

@@ -31,15 +31,15 @@ class AudioError(ValueError):
 def check_samples(x: np.ndarray, source: str = "samples") -> np.ndarray:
     """Return ``x`` as a float32 mono 1-D array, or raise :class:`AudioError` for NaN/inf or bad shapes."""
     x = np.asarray(x)
-    if x.ndim == 2:
-        x = x.mean(axis=1)
-    if x.ndim != 1:
-        raise AudioError(source, f"expected mono samples [N] or [N, channels], got shape {x.shape}")
-    if x.dtype.kind in "iu":
+    if x.dtype.kind in "iu":  # scale integers to [-1, 1] before mixing channels (a mean would lose the dtype)
         info = np.iinfo(x.dtype)
         x = x.astype(np.float32) / float(max(abs(info.min), info.max))
     elif x.dtype.kind != "f":
         raise AudioError(source, f"samples must be numbers, got dtype {x.dtype}")
+    if x.ndim == 2:
+        x = x.mean(axis=1)
+    if x.ndim != 1:
+        raise AudioError(source, f"expected mono samples [N] or [N, channels], got shape {x.shape}")
     x = x.astype(np.float32, copy=False)
     if x.size and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())

@@ -24,7 +24,9 @@ def test_bundled_model_and_sample_are_there_and_describe_themselves():
     model = load_checkpoint(ckpt)
     assert model.labels == ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral")
     assert "German acted speech" in model.describe() and "emodb" in model.describe()
-    assert model.meta["train_config"]["weights"] == "none"
+    assert model.meta["train_config"]["weights"] != "imagenet"  # pre-trained on speech (RAVDESS), not ImageNet
+    assert model.meta["pretrained_on"] == "ravdess" and "CC BY-NC-SA 4.0" in model.describe()  # terms shown
+    assert model.frontend_config.normalization == "speaker"
     assert sample_path() is not None
 
 

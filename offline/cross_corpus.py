@@ -35,11 +35,8 @@ def shared_labels(train: Corpus, test: Corpus) -> list[str]:
 @torch.no_grad()
 def test_on(model, bank: FeatureBank, utts, device, per_speaker: bool) -> dict:
     """Predictions of ``model`` (its own label set) on ``utts`` of another corpus."""
-    if not per_speaker and model.frontend_config.normalization == "speaker":
-        # adaptation off: every test speaker gets the training corpus's statistics
-        split = build_split(bank, model, utts, (1.0,), device, per_speaker=False)
-    else:
-        split = build_split(bank, model, utts, (1.0,), device)
+    # per_speaker=False (adaptation off): every test speaker gets the training corpus's statistics
+    split = build_split(bank, model, utts, (1.0,), device, per_speaker=per_speaker)
     probs = head_probs(model, embed_split(model, split, device, amp=False))
     by_uid = {u.uid: u for u in utts}
     uids = [u.split("@")[0] for u in split.uids]
@@ -52,13 +49,11 @@ def score(true: list[str], pred: list[str], shared: list[str], model_labels: lis
     cm = np.zeros((len(shared), len(model_labels)), dtype=np.int64)
     for t, p in zip(true, pred):
         cm[shared.index(t), model_labels.index(p)] += 1
-    square = np.zeros((len(shared), len(shared)), dtype=np.int64)  # hits on the diagonal, any other answer off it
-    for i, lab in enumerate(shared):
-        square[i, i] = cm[i, model_labels.index(lab)]
-    rec = np.diag(square) / np.maximum(cm.sum(axis=1), 1)
-    rec = np.where(cm.sum(axis=1) > 0, rec, np.nan)
+    hits = np.array([cm[i, model_labels.index(lab)] for i, lab in enumerate(shared)])
+    support = cm.sum(axis=1)
+    rec = np.where(support > 0, hits / np.maximum(support, 1), np.nan)
     return {"confusion": cm.tolist(), "recall": {lab: float(r) for lab, r in zip(shared, rec)},
-            "uar": float(np.nanmean(rec)), "wa": float(np.trace(square) / max(cm.sum(), 1)),
+            "uar": float(np.nanmean(rec)), "wa": float(hits.sum() / max(cm.sum(), 1)),
             "n": int(cm.sum())}
 
 

@@ -24,7 +24,7 @@ import torch
 
 from .adaptation import RunningStats
 from .audio import AudioError, check_samples, load_audio
-from .recognizer import ACTIVITY_THRESHOLD_DBFS, Prediction, StreamingRecognizer, _dbfs
+from .recognizer import ACTIVITY_THRESHOLD_DBFS, Prediction, StreamingRecognizer, _dbfs, frame_energy
 
 MIN_SPEECH_ACTIVITY = 0.1  # fewer active frames than this: no speech, no emotion (label None)
 
@@ -83,11 +83,10 @@ def to_mono_16k(audio, sample_rate: int | None, target: int = 16_000, source: st
     return x
 
 
-def _activity(x: np.ndarray, win: int = 400, hop: int = 160) -> float:
-    if x.size < win:
-        return 0.0
-    frames = np.lib.stride_tricks.sliding_window_view(x, win)[::hop]
-    return float((_dbfs(np.square(frames, dtype=np.float64).mean(axis=1)) > ACTIVITY_THRESHOLD_DBFS).mean())
+def _activity(x: np.ndarray) -> float:
+    """Fraction of 10 ms frames above the activity threshold, as the live recognizer counts them."""
+    energy = frame_energy(x)
+    return float((_dbfs(energy) > ACTIVITY_THRESHOLD_DBFS).mean()) if energy.size else 0.0
 
 
 class Stream:

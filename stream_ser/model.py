@@ -90,11 +90,8 @@ def _embedder_from_checkpoint(payload: dict, path: Path) -> dict[str, torch.Tens
     """
     if (payload.get("model_config") or {}).get("arch", "dcnn_blstmwa") != "dcnn_blstmwa":
         raise WeightsError(f"{path}: a {payload['model_config'].get('arch')} checkpoint has no AlexNet embedder")
-    scales = payload.get("scales", {})
     out = {}
-    for k, v in payload["state_dict"].items():
-        if k in scales:
-            v = v.float() * scales[k][:, None]
+    for k, v in expand_state(payload["state_dict"], payload.get("scales", {}), {}).items():
         if k.startswith("embedder.features."):
             out[k[len("embedder."):]] = v.float()
         elif k.startswith("embedder.fc."):

@@ -31,6 +31,14 @@ from .model import EmotionModel
 ACTIVITY_THRESHOLD_DBFS = -45.0  # a frame with RMS above this counts as sound (speech activity)
 
 
+def frame_energy(x: np.ndarray, win: int = 400, hop: int = 160) -> np.ndarray:
+    """Mean square of each STFT frame (``win`` samples every ``hop``) of x [N] -> [T] (float64)."""
+    if x.size < win:
+        return np.zeros(0, np.float64)
+    frames = np.lib.stride_tricks.sliding_window_view(x, win)[::hop]
+    return np.square(frames, dtype=np.float64).mean(axis=1)
+
+
 def _dbfs(mean_square: np.ndarray | float) -> np.ndarray | float:
     return 10.0 * np.log10(np.maximum(mean_square, 1e-12))
 
@@ -155,8 +163,7 @@ class SegmentStream:
             span = self._buf[: (k - 1) * cfg.hop_length + cfg.win_length]
             with torch.no_grad():
                 lm = self.frontend.log_mel(torch.from_numpy(span).to(self.device))[0]  # [M, k]
-            frames = np.lib.stride_tricks.sliding_window_view(span, cfg.win_length)[:: cfg.hop_length]
-            self._energy = np.concatenate([self._energy, np.square(frames, dtype=np.float64).mean(axis=1)])
+            self._energy = np.concatenate([self._energy, frame_energy(span, cfg.win_length, cfg.hop_length)])
             self._frames = torch.cat([self._frames, lm], dim=1)
             self.n_frames += k
             self._buf = self._buf[k * cfg.hop_length:]  # no future frame needs these

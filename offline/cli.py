@@ -267,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: {e}", file=sys.stderr)
                     return 2
             log(f"{command}\npreset {cfg.preset}: {cfg.to_dict()} on {device}; {len(corpus.utterances)} utterances")
-            results = run_protocol(corpus, cfg, out, device, Path(args.cache_dir), command,
-                                   args.folds.split(",") if args.folds else None, log, progress)
+            try:
+                results = run_protocol(corpus, cfg, out, device, Path(args.cache_dir), command,
+                                       args.folds.split(",") if args.folds else None, log, progress)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         from .report import write_report
         report = write_report(out)
         s = results["summary"]

@@ -10,6 +10,7 @@ recomputed, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stream_ser.model import compact_copy
@@ -74,6 +76,45 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+FOLD_RUN_KEYS = ("fold", "run", "seed", "uar", "wa", "confusion", "predictions", "seconds")
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """A short hash of everything in the training configuration (a resumed run must not mix configs)."""
+    blob = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_fold_run(path: Path, fold: str, run: int, seed: int, fingerprint: str, log=print) -> dict | None:
+    """A finished fold-run's record, or None when the file cannot be trusted (it is then set aside as
+    ``*.damaged`` and the fold-run recomputed). A record made with another configuration is an error:
+    resuming must not mix two recipes in one result."""
+    try:
+        rec = json.loads(path.read_text())
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
+        missing = [k for k in FOLD_RUN_KEYS if k not in rec]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        if (rec["fold"], rec["run"], rec["seed"]) != (fold, run, seed):
+            raise ValueError(f"it holds fold {rec['fold']!r} run {rec['run']} seed {rec['seed']}")
+        if not (isinstance(rec["uar"], (int, float)) and 0 <= rec["uar"] <= 1):
+            raise ValueError(f"UAR {rec['uar']!r} is not in [0, 1]")
+        n_pred = len(rec["predictions"].get("pred", []))
+        if n_pred != int(np.asarray(rec["confusion"]).sum()):
+            raise ValueError(f"{n_pred} predictions but a confusion matrix of {int(np.asarray(rec['confusion']).sum())}")
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        damaged = path.with_suffix(".damaged")
+        path.replace(damaged)
+        log(f"warning: {path} is damaged ({str(e)[:120]}); set aside as {damaged.name}, recomputing that fold-run")
+        return None
+    if rec.get("config_fingerprint", fingerprint) != fingerprint:
+        raise ValueError(f"{path} was made with another training configuration (fingerprint "
+                         f"{rec['config_fingerprint']} vs {fingerprint} now); resume with the same flags, "
+                         f"or use a new --out folder")
+    return rec
+
+
 def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.device, cache_dir: Path | None,
                  command: str = "", only_folds: list[str] | None = None, log=print, progress=None) -> dict:
     """Train and test every fold x run; write ``results.json`` (and per fold-run files). Resumable."""
@@ -85,6 +126,7 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
         if unknown:
             raise SystemExit(f"error: unknown folds {sorted(unknown)}; this corpus has {[f.name for f in folds]}")
         folds = [f for f in folds if f.name in only_folds]
+    fingerprint = config_fingerprint(cfg)
     bank = FeatureBank(corpus, cfg.frontend_config(), cache_dir, device, log, progress)
     by_spk: dict[str, list] = {}
     for u in corpus.utterances:
@@ -95,13 +137,15 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
     for fi, fold in enumerate(folds):
         for run in range(cfg.runs):
             path = out_dir / "folds" / f"{fold.name}_run{run}.json"
-            if path.is_file():
-                fold_runs.append(json.loads(path.read_text()))
-                log(f"fold {fold.name} run {run}: done before (UAR {fold_runs[-1]['uar']:.4f}), not recomputed")
-                if outer is not None:
-                    progress.advance(outer)
-                continue
             seed = cfg.seed + 1000 * run + fi
+            if path.is_file():
+                prev = load_fold_run(path, fold.name, run, seed, fingerprint, log)
+                if prev is not None:
+                    fold_runs.append(prev)
+                    log(f"fold {fold.name} run {run}: done before (UAR {prev['uar']:.4f}), not recomputed")
+                    if outer is not None:
+                        progress.advance(outer)
+                    continue
             log(f"fold {fold.name} run {run} (seed {seed}): test {list(fold.test)} val {list(fold.val)} "
                 f"train {list(fold.train)}")
             t0 = time.time()
@@ -115,7 +159,7 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
                    "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
                    "compact_uar": compact["uar"], "compact_wa": compact["wa"],
                    "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"]},
-                   "train_info": info, "seconds": time.time() - t0}
+                   "train_info": info, "seconds": time.time() - t0, "config_fingerprint": fingerprint}
             save_json(path, rec)
             fold_runs.append(rec)
             log(f"fold {fold.name} run {run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} "

@@ -27,6 +27,23 @@ def _port(text: str) -> int:
     return v
 
 
+def _frame_bytes(text: str) -> int:
+    v = _positive(text)
+    if not 2 <= v <= 1 << 20:
+        raise argparse.ArgumentTypeError(f"must be 2..1048576 bytes, got {v}")
+    return v
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -60,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--host", default="127.0.0.1", help="websocket bind address (0.0.0.0 exposes it to the network)")
     lv.add_argument("--port", type=_port, default=8765, help="websocket port (0: any free port)")
     lv.add_argument("--token", default=None, help="require this token from subscribers (?token= or Bearer header)")
+    lv.add_argument("--insecure", action="store_true",
+                    help="allow a non-loopback --host without --token (anyone who can reach the port can "
+                         "read the predictions and, with --producers, push audio)")
     lv.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                     help="no terminal dashboard; log one line per prediction instead")
     lv.add_argument("--fast", action="store_true", help="replay a file as fast as possible instead of in real time")
@@ -69,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--queue-size", type=_positive, default=256, help="messages queued per subscriber before the oldest drop")
     lv.add_argument("--producers", action="store_true",
                     help="also take audio from websocket producers (binary 16-bit PCM frames; each gets a stream id)")
-    lv.add_argument("--max-frame-bytes", type=_positive, default=64_000, help="largest binary audio frame a producer may send")
+    lv.add_argument("--max-frame-bytes", type=_frame_bytes, default=64_000,
+                    help="largest binary audio frame a producer may send (2 .. 1048576 bytes; a producer may also "
+                         "run this much audio, or 1 s if more, ahead of real time)")
     lv.add_argument("--allow-fast-producers", action="store_true",
                     help="let producers send faster than real time (e.g. to analyse files)")
     lv.add_argument("--enroll", default=None, metavar="FILE",
@@ -225,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     from .model import CheckpointError
     from .server import ProducerLimits
 
+    if not _is_loopback(args.host) and not args.token:
+        what = "read every prediction and push audio (--producers)" if args.producers else "read every prediction"
+        if not args.insecure:
+            return _fail(f"--host {args.host} without --token: anyone who can reach port {args.port} could {what}. "
+                         f"Add --token SECRET (clients then use ?token=SECRET), or --insecure to accept that.")
+        print(f"warning: serving on {args.host} without a token (--insecure): anyone who can reach port "
+              f"{args.port} can {what}", file=sys.stderr, flush=True)
     try:
         model = open_model(args.checkpoint, args.device)
         enroll = None

@@ -9,6 +9,7 @@ to the in-process dashboard.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import sys
 import threading
@@ -39,6 +40,9 @@ class LiveApp:
                  dashboard: bool = True, log_lines: bool = False, wait_for_subscriber: bool = False,
                  queue_size: int = 256, producers: bool = False, limits: ProducerLimits | None = None,
                  out=None, console=None, adapt: bool = True, enroll=None):
+        if model.frontend_config.normalization == "utterance":
+            raise ValueError("this model normalises whole utterances (the paper's preprocessing) and cannot "
+                             "stream; retrain it with --normalization speaker, segment or corpus")
         self.model = model
         self.source = source
         self.engine = MultiStreamEngine(model)
@@ -54,7 +58,8 @@ class LiveApp:
         cfg = model.frontend_config
         self.broadcaster = Broadcaster(self._hello, host, port, token, queue_size,
                                        on_producer=self._on_producer if producers else None,
-                                       on_audio=self._on_audio, on_disconnect=self._on_disconnect, limits=limits)
+                                       on_audio=self._on_audio, on_disconnect=self._on_disconnect, limits=limits,
+                                       streams=lambda: list(self.engine.streams))
         ad = self.recognizer.segmenter.adaptation_info() if self.recognizer is not None else None
         if ad is None and cfg.normalization == "speaker":
             ad = {"on": adapt, "enrolled": False, "speech_s": 0.0}
@@ -67,6 +72,7 @@ class LiveApp:
         self._t0 = time.monotonic()
         self._dash = None
         self.error: BaseException | None = None
+        self.bad_outputs = 0
 
     # --- producers (loop thread) ------------------------------------------------------
     def _on_producer(self, client: Client, rate: int) -> str:
@@ -115,6 +121,16 @@ class LiveApp:
 
     # --- loop thread ----------------------------------------------------------------
     def _on_prediction(self, pred: dict) -> None:
+        if not all(math.isfinite(v) for v in pred["probabilities"].values()):
+            # a broken model (NaN weights) or input it cannot handle: never serialise NaN, say so instead
+            self.bad_outputs += 1
+            if self.bad_outputs in (1, 10, 100) or self.bad_outputs % 1000 == 0:
+                self.broadcaster.publish(P.error("bad_output", f"window {pred['seq']} of stream "
+                                                 f"{pred.get('stream', LOCAL)}: non-finite probabilities "
+                                                 f"({self.bad_outputs} such windows so far)"), pred.get("stream"))
+                print(f"warning: the model produced non-finite probabilities ({self.bad_outputs} windows)",
+                      file=sys.stderr, flush=True)
+            return
         self.latencies.append(pred["timings_ms"]["total"])
         msg = P.prediction(pred)
         self.broadcaster.publish(msg, pred.get("stream"))
@@ -136,7 +152,8 @@ class LiveApp:
                         source=self.source.name if self.source is not None else "websocket producers",
                         uptime_s=time.monotonic() - self._t0, streams=len(self.engine.streams),
                         counters=self.recognizer.counters if self.recognizer else {},
-                        portaudio_status=src.get("portaudio_status", {}))
+                        portaudio_status=src.get("portaudio_status", {}), bad_outputs=self.bad_outputs,
+                        slow_closed=self.broadcaster.slow_closed)
 
     async def _status_loop(self) -> None:
         while True:

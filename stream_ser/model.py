@@ -419,5 +419,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Emo
         model.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: checkpoint is damaged or from an incompatible version ({str(e)[:300]})") from None
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}"
+                              f"{' …' if len(bad) > 3 else ''}; the model would answer NaN. Retrain it.")
     model.meta = dict(payload.get("meta") or {})
     return model.to(device).eval()

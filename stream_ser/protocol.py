@@ -15,14 +15,18 @@ Server -> client:
   null, or ``{on, speech_s, enrolled}`` for a speaker-normalised model).
 - ``status``: about once a second. ``overruns``, ``lost_samples``, ``dropped``
   (messages this subscriber lost), ``dropped_total``, ``subscribers``,
-  ``latency_ms`` ({p50, p95, p99} of total per-hop latency), ``source``, ``uptime_s``.
+  ``latency_ms`` ({p50, p95, p99} of total per-hop latency), ``source``, ``uptime_s``;
+  from ``stream-ser live`` also ``bad_outputs`` (windows withheld for non-finite
+  probabilities) and ``slow_closed`` (subscribers closed 4408).
 - ``error``: ``code`` (see ``ERROR_CODES``) and ``message``.
 - ``end``: the source ended (``reason``); the server closes afterwards.
 - ``stream``: a producer's own stream id (``stream``) after it started sending audio.
 
 Client -> server:
 
-- ``subscribe``: ``stream`` = an id or ``"*"`` (all, the default).
+- ``subscribe``: ``stream`` = an id, ``"*"`` (all, the default) or ``"none"``; an
+  id that is not a current stream gets an ``unknown_stream`` error and the
+  subscription stays as it was.
 - ``audio``: a producer declares ``rate`` (Hz) before its binary frames of 16-bit
   little-endian mono PCM.
 - ``ping``: answered with a ``status``.
@@ -51,6 +55,7 @@ PING = "ping"
 CLIENT_TYPES = (SUBSCRIBE, AUDIO, PING)
 
 ALL_STREAMS = "*"
+NO_STREAMS = "none"  # subscribe to nothing (a producer that only sends audio)
 
 # error codes (in ``error`` messages) and websocket close codes (4000-4999 are ours)
 ERROR_CODES = {
@@ -60,8 +65,11 @@ ERROR_CODES = {
     "bad_audio": "the audio could not be used",
     "not_allowed": "this server does not take audio from clients",
     "unknown_stream": "no such stream",
+    "bad_output": "the model produced non-finite values for a window; nothing was sent for it",
 }
+CLOSE_BAD_REQUEST = 4400  # an audio header that was refused: the connection ends rather than guess
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_SLOW_CONSUMER = 4408  # a subscriber that left flow-control pings unanswered (see server.py)
 CLOSE_PRODUCER_LIMIT = 4429
 CLOSE_GOING_AWAY = 1001
 
@@ -81,7 +89,9 @@ def decode(text: str | bytes, allowed: tuple[str, ...] = SERVER_TYPES + CLIENT_T
     try:
         msg = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"not JSON ({e})") from None
+        raise ProtocolError(f"not JSON ({str(e)[:100]})") from None
+    except RecursionError:  # absurdly deep nesting: the parser gives up, so do we
+        raise ProtocolError("JSON nested too deeply") from None
     if not isinstance(msg, dict):
         raise ProtocolError("a message must be a JSON object")
     if msg.get("type") not in allowed:

@@ -3,6 +3,16 @@
 Each connection is a subscriber with a bounded queue and its own sender task. A
 slow subscriber loses its *oldest* queued messages (counted, and reported to it
 in its ``status`` messages) instead of slowing the recognizer or the others.
+
+What a slow subscriber can have in flight is bounded too, not only the queue:
+the sender pings the client after every :data:`ACK_EVERY` messages and never has
+more than :data:`ACK_WINDOW` pings unanswered. A websocket client answers a ping
+only once it has read the frames before it, so at most ``ACK_EVERY * ACK_WINDOW``
+messages sit in socket buffers; queued messages older than ``max_lag_s`` are
+dropped (counted); a client that leaves a ping unanswered for ``slow_close_s`` is
+closed with :data:`~stream_ser.protocol.CLOSE_SLOW_CONSUMER`. See
+``docs/reliability.md`` for the figures.
+
 Binds 127.0.0.1 by default; optional token (``?token=`` or ``Authorization:
 Bearer``); incoming messages are size-limited; garbage gets an ``error`` reply
 and never crashes the server. Connections that send binary audio are producers,
@@ -15,8 +25,10 @@ import asyncio
 import hmac
 import itertools
 import logging
+import socket
+import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Collection
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -25,6 +37,13 @@ from websockets.exceptions import ConnectionClosed
 from . import protocol as P
 
 log = logging.getLogger("stream_ser.server")
+
+ACK_EVERY = 4  # messages sent between two flow-control pings
+ACK_WINDOW = 2  # unanswered flow-control pings before the sender waits
+MAX_LAG_S = 5.0  # a queued prediction older than this is dropped (counted) instead of sent
+SLOW_CLOSE_S = 5.0  # a flow-control ping unanswered this long closes the subscriber (4408)
+SEND_BUFFER_BYTES = 64 * 1024  # kernel send buffer per connection (SO_SNDBUF)
+MAX_TEXT_BYTES = 1 << 16  # largest text message a client may send
 
 
 class Client:
@@ -35,11 +54,14 @@ class Client:
     def __init__(self, ws: ServerConnection, queue_size: int):
         self.id = next(self._ids)
         self.ws = ws
-        self.queue: deque[str | dict] = deque()
+        self.queue: deque[tuple[float, str | dict]] = deque()  # (monotonic time queued, message)
         self.queue_size = queue_size
         self.wake = asyncio.Event()
         self.dropped = 0
+        self.pending = 0  # queued or being sent (an error must reach the client before a close)
+        self.dropped_stale = 0  # of those, dropped for age (max_lag_s) rather than queue length
         self.sent = 0
+        self.max_lag_s = 0.0  # the oldest a prediction was when this client's sender handed it on
         self.bad_messages = 0
         self.stream_filter = P.ALL_STREAMS
         self.producer: ProducerState | None = None
@@ -49,7 +71,9 @@ class Client:
         if len(self.queue) >= self.queue_size:
             self.queue.popleft()
             self.dropped += 1
-        self.queue.append(item)
+        else:
+            self.pending += 1
+        self.queue.append((time.monotonic(), item))
         self.wake.set()
 
     def wants(self, stream: str | None) -> bool:
@@ -57,15 +81,30 @@ class Client:
 
 
 class ProducerLimits:
-    """Per-producer limits: frame size, and no faster than real time (with a burst allowance) unless allowed."""
+    """Per-producer limits (documented in ``docs/reliability.md``).
+
+    ``max_frame_bytes``: the largest binary frame (16-bit samples, so half as many
+    samples). ``realtime_only``: the audio received may run ahead of the wall clock
+    since the first frame by at most ``burst_s`` seconds, or by one largest frame,
+    whichever is longer, so any frame the size limit allows is also allowed by
+    the pace limit. Rates outside ``min_rate..max_rate`` Hz are refused.
+    """
+
+    MAX_FRAME_BYTES_LIMIT = 1 << 20  # the most --max-frame-bytes may be set to (about 33 s at 16 kHz)
 
     def __init__(self, max_frame_bytes: int = 64_000, realtime_only: bool = True, burst_s: float = 1.0,
                  min_rate: int = 8_000, max_rate: int = 96_000):
+        if not 2 <= max_frame_bytes <= self.MAX_FRAME_BYTES_LIMIT:
+            raise ValueError(f"max_frame_bytes must be 2..{self.MAX_FRAME_BYTES_LIMIT}, got {max_frame_bytes}")
         self.max_frame_bytes = max_frame_bytes
         self.realtime_only = realtime_only
         self.burst_s = burst_s
         self.min_rate = min_rate
         self.max_rate = max_rate
+
+    def allowed_lead_s(self, rate: int) -> float:
+        """How far ahead of real time a producer at ``rate`` Hz may be."""
+        return max(self.burst_s, self.max_frame_bytes / 2 / rate)
 
 
 class ProducerState:
@@ -84,14 +123,20 @@ class Broadcaster:
     (returns the new stream id for a client and its rate) and ``on_audio`` (gets the
     checked 16-bit PCM bytes) it accepts producers; ``limits`` are enforced here, and a
     producer that breaks them gets an ``error`` and is closed (4429) without
-    disturbing anyone else.
+    disturbing anyone else. ``streams()`` (optional) lists the stream ids a
+    subscriber may follow; another id gets an ``unknown_stream`` error.
     """
 
     def __init__(self, hello: Callable[[], dict], host: str = "127.0.0.1", port: int = 8765,
-                 token: str | None = None, queue_size: int = 256, max_message_bytes: int = 1 << 16,
+                 token: str | None = None, queue_size: int = 256, max_message_bytes: int = MAX_TEXT_BYTES,
                  on_producer: Callable[[Client, int], str] | None = None,
                  on_audio: Callable[[Client, bytes], Any] | None = None,
-                 on_disconnect: Callable[[Client], Any] | None = None, limits: ProducerLimits | None = None):
+                 on_disconnect: Callable[[Client], Any] | None = None, limits: ProducerLimits | None = None,
+                 streams: Callable[[], Collection[str]] | None = None, max_lag_s: float = MAX_LAG_S,
+                 slow_close_s: float = SLOW_CLOSE_S, ack_every: int = ACK_EVERY, ack_window: int = ACK_WINDOW,
+                 send_buffer_bytes: int | None = SEND_BUFFER_BYTES):
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1, got {queue_size}")
         self.hello = hello
         self.host = host
         self.port = port
@@ -102,16 +147,25 @@ class Broadcaster:
         self.on_audio = on_audio
         self.limits = limits or ProducerLimits()
         self.on_disconnect = on_disconnect
+        self.streams = streams
+        self.max_lag_s = max_lag_s
+        self.slow_close_s = slow_close_s
+        self.ack_every = ack_every
+        self.ack_window = ack_window
+        self.send_buffer_bytes = send_buffer_bytes
         self.clients: set[Client] = set()
         self.first_subscriber = asyncio.Event()
         self.dropped_total = 0
         self.bad_messages_total = 0
         self.refused = 0
+        self.slow_closed = 0
         self._server = None
 
     async def start(self) -> None:
-        self._server = await serve(self._handle, self.host, self.port, max_size=self.max_message_bytes,
-                                   ping_interval=20, ping_timeout=20, close_timeout=2)
+        # the websocket library's own frame limit must not answer before ours (1009, no error message)
+        max_size = max(self.max_message_bytes, self.limits.max_frame_bytes) + 1024
+        self._server = await serve(self._handle, self.host, self.port, max_size=max_size,
+                                   ping_interval=20, ping_timeout=20, close_timeout=2, open_timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
 
     @property
@@ -136,19 +190,55 @@ class Broadcaster:
             self.dropped_total += c.dropped - before
 
     async def _sender(self, c: Client) -> None:
+        """Drain ``c``'s queue: stale predictions dropped, status personalised, sends paced by pongs."""
+        pongs: deque[Awaitable[float]] = deque()
+        since_ping = 0
         try:
             while True:
                 await c.wake.wait()
                 c.wake.clear()
                 while c.queue:
-                    item = c.queue.popleft()
+                    while len(pongs) >= self.ack_window:  # the client is behind: wait for it (queue keeps filling)
+                        try:
+                            await asyncio.wait_for(pongs.popleft(), self.slow_close_s)
+                        except asyncio.TimeoutError:
+                            return await self._close_slow(c)
+                    t, item = c.queue.popleft()
+                    age = time.monotonic() - t
                     if isinstance(item, dict):  # status: tell this subscriber what it lost
                         item = P.encode({**item, "dropped": c.dropped, "subscribers": len(self.clients),
                                          "dropped_total": self.dropped_total})
-                    await c.ws.send(item)
+                    elif age > self.max_lag_s:
+                        c.dropped += 1
+                        c.dropped_stale += 1
+                        self.dropped_total += 1
+                        c.pending -= 1
+                        continue
+                    else:
+                        c.max_lag_s = max(c.max_lag_s, age)
+                    try:  # send() writes the whole frame, then waits while the socket buffers are full
+                        await asyncio.wait_for(c.ws.send(item), self.slow_close_s)
+                    except asyncio.TimeoutError:
+                        return await self._close_slow(c)
+                    c.pending -= 1
                     c.sent += 1
+                    since_ping += 1
+                    if since_ping >= self.ack_every:
+                        since_ping = 0
+                        pongs.append(await c.ws.ping())
         except ConnectionClosed:
             pass
+
+    async def _close_slow(self, c: Client) -> None:
+        self.slow_closed += 1
+        log.warning("subscriber %s closed: no acknowledgement for %.0f s (%d messages dropped)",
+                    c.id, self.slow_close_s, c.dropped)
+        try:  # the close frame may not get through a full socket: then the TCP connection is aborted
+            await asyncio.wait_for(c.ws.close(P.CLOSE_SLOW_CONSUMER, f"slow_consumer: nothing acknowledged for "
+                                              f"{self.slow_close_s:.0f} s; {c.dropped} dropped"), 3.0)
+        except asyncio.TimeoutError:
+            pass
+        c.ws.transport.abort()
 
     # --- receiving ----------------------------------------------------------------
     def _authorized(self, ws: ServerConnection) -> bool:
@@ -166,6 +256,12 @@ class Broadcaster:
             self.refused += 1
             await ws.close(P.CLOSE_UNAUTHORIZED, "unauthorized: missing or wrong token")
             return
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None and self.send_buffer_bytes:
+            try:  # keep what the kernel holds for a slow client small; the queue decides what is dropped
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+            except OSError:
+                pass
         c = Client(ws, self.queue_size)
         self.clients.add(c)
         c.offer(P.encode(self.hello()))
@@ -174,6 +270,8 @@ class Broadcaster:
         try:
             async for message in ws:
                 await self._on_message(c, message)
+                if sender.done():  # closed as a slow consumer
+                    break
         except ConnectionClosed:
             pass
         except Exception:  # never let one client take the server down
@@ -192,6 +290,9 @@ class Broadcaster:
     async def _on_message(self, c: Client, message: str | bytes) -> None:
         if isinstance(message, bytes):
             return await self._on_audio(c, message)
+        if len(message) > self.max_message_bytes:
+            return self._bad(c, "bad_message", f"text message of {len(message)} characters; "
+                                               f"at most {self.max_message_bytes}")
         try:
             msg = P.decode(message, allowed=P.CLIENT_TYPES)
         except P.ProtocolError as e:
@@ -201,6 +302,11 @@ class Broadcaster:
             stream = msg.get("stream", P.ALL_STREAMS)
             if not isinstance(stream, str):
                 return self._bad(c, "bad_message", "subscribe.stream must be a string")
+            if stream not in (P.ALL_STREAMS, P.NO_STREAMS) and self.streams is not None:
+                known = sorted(self.streams())
+                if stream not in known:
+                    return self._bad(c, "unknown_stream", f"no stream {stream[:80]!r}; streams now: "
+                                                          f"{', '.join(known) or 'none'} (or '*' for all)")
             c.stream_filter = stream
         elif kind == P.PING:
             c.offer(P.status(subscribers=len(self.clients), dropped_total=self.dropped_total))
@@ -208,31 +314,38 @@ class Broadcaster:
             rate = msg.get("rate", 16000)
             if c.producer is not None:
                 return self._bad(c, "bad_audio", f"already producing stream {c.producer.stream_id}")
-            self._start_producer(c, rate)
+            if self._start_producer(c, rate) is None:
+                # the client meant to send audio; going on would start a stream it did not ask for
+                await self._close_after_error(c, P.CLOSE_BAD_REQUEST, "bad_audio: audio header refused")
 
-    def _start_producer(self, c: Client, rate) -> bool:
+    def _start_producer(self, c: Client, rate) -> str | None:
         lim = self.limits
         if self.on_producer is None:
             self._bad(c, "not_allowed", "this server does not take audio from clients (start it with --producers)")
-            return False
-        if not isinstance(rate, int) or not lim.min_rate <= rate <= lim.max_rate:
-            self._bad(c, "bad_audio", f"rate must be an integer in {lim.min_rate}..{lim.max_rate} Hz, got {rate!r}")
-            return False
+            return None
+        if isinstance(rate, bool) or not isinstance(rate, int) or not lim.min_rate <= rate <= lim.max_rate:
+            self._bad(c, "bad_audio", f"rate must be an integer in {lim.min_rate}..{lim.max_rate} Hz, "
+                                      f"got {str(rate)[:40]!r}")
+            return None
         sid = self.on_producer(c, rate)
         c.producer = ProducerState(sid, rate)
         c.offer(P.encode(P.stream_assigned(sid, rate)))
-        return True
+        return sid
+
+    async def _close_after_error(self, c: Client, code: int, reason: str) -> None:
+        """Let the queued ``error`` reach the client (up to 1 s), then close with ``code``."""
+        await asyncio.sleep(0)
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while c.pending and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await c.ws.close(code, reason[:120])
 
     async def _limit(self, c: Client, code: str, text: str) -> None:
         self._bad(c, code, text)
-        await asyncio.sleep(0)  # let the sender queue the error first
-        deadline = asyncio.get_running_loop().time() + 1.0
-        while c.queue and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        await c.ws.close(P.CLOSE_PRODUCER_LIMIT, f"{code}: {text}"[:120])
+        await self._close_after_error(c, P.CLOSE_PRODUCER_LIMIT, f"{code}: {text}")
 
     async def _on_audio(self, c: Client, data: bytes) -> None:
-        if c.producer is None and not self._start_producer(c, 16000):
+        if c.producer is None and self._start_producer(c, 16000) is None:
             return
         st, lim = c.producer, self.limits
         if len(data) > lim.max_frame_bytes:
@@ -245,7 +358,7 @@ class Broadcaster:
             st.t0 = now
         st.samples += len(data) // 2
         st.frames += 1
-        if lim.realtime_only and st.samples / st.rate > (now - st.t0) + lim.burst_s:
+        if lim.realtime_only and st.samples / st.rate > (now - st.t0) + lim.allowed_lead_s(st.rate):
             return await self._limit(c, "too_fast", f"{st.samples / st.rate:.2f} s of audio in {now - st.t0:.2f} s; "
                                                     "producers must not run ahead of real time")
         self.on_audio(c, data)
@@ -256,7 +369,7 @@ class Broadcaster:
         if reason is not None:
             self.publish(P.end(reason))
         deadline = asyncio.get_running_loop().time() + drain_s
-        while any(c.queue for c in self.clients) and asyncio.get_running_loop().time() < deadline:
+        while any(c.pending for c in self.clients) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         if self._server is not None:
             self._server.close(close_connections=True)

@@ -250,3 +250,49 @@ def test_baseline_and_ablation_models_predict():
                    (ModelConfig(), FrontendConfig(segment_frames=16, segment_shift=8, image_size=64))]:
         p = EmotionModel(fc, mc).predict(w)
         assert p.shape == (2, 7) and torch.allclose(p.sum(-1), torch.ones(2))
+
+
+def test_a_killed_loso_run_resumes_to_the_same_results_and_distrusts_damaged_files(emodb_dir, tmp_path):
+    """kill -9 in the middle of the second fold, resume: the same results as a run never interrupted.
+    A truncated fold-run file is set aside and recomputed; a file from another recipe is refused."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = str(tmp_path / "cache")
+    common = ["--corpus", "emodb", "--data", str(emodb_dir), "--preset", "quick", "--cache-dir", cache,
+              "--max-per-speaker", "4", "--folds", "03,08,16", "--stage1-epochs", "1", "--stage2-epochs", "2",
+              "--image-size", "64"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert offline_cli.main(["loso", *common, "--out", str(ref)]) == 0  # also fills the feature cache
+    proc = subprocess.Popen([sys.executable, "-m", "offline.cli", "loso", *common, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "folds" / "03_run0.json"
+    deadline = time.time() + 300
+    while not first.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert first.is_file(), "the first fold-run never finished"
+    time.sleep(0.5)  # into the second fold
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()  # nothing pretends to be a finished result
+    assert offline_cli.main(["loso", *common, "--out", str(out)]) == 0
+    log = (out / "run.log").read_text()
+    assert "fold 03 run 0: done before" in log
+    want = json.loads((ref / "results.json").read_text())
+    got = json.loads((out / "results.json").read_text())
+    for a, b in zip(want["fold_runs"], got["fold_runs"], strict=True):
+        assert (a["fold"], a["seed"], a["uar"], a["predictions"]) == (b["fold"], b["seed"], b["uar"], b["predictions"])
+    assert got["summary"]["uar_mean"] == want["summary"]["uar_mean"]
+
+    # a truncated file (a crash while writing on a filesystem without atomic rename) is not trusted
+    path = out / "folds" / "08_run0.json"
+    path.write_text(path.read_text()[:200])
+    assert offline_cli.main(["loso", *common, "--out", str(out)]) == 0
+    assert (out / "folds" / "08_run0.damaged").is_file()
+    assert "08_run0.json is damaged" in (out / "run.log").read_text()
+    assert json.loads((out / "results.json").read_text())["summary"]["uar_mean"] == want["summary"]["uar_mean"]
+
+    # resuming with another recipe is refused rather than mixed into one result
+    assert offline_cli.main(["loso", *common[:-2], "--image-size", "72", "--out", str(out)]) == 2

@@ -158,13 +158,16 @@ def test_garbage_from_a_client_gets_an_error_and_the_server_goes_on():
                 await ws.send(junk)
                 m = await _recv(ws)
                 assert m["type"] == "error" and m["code"] in P.ERROR_CODES and m["message"]
-            await ws.send("x" * 5000)  # over the size limit: that connection is closed (1009) ...
+            await ws.send("x" * 5000)  # over the text limit: an error, the connection goes on
+            m = await _recv(ws)
+            assert m["code"] == "bad_message" and "at most 1024" in m["message"]
+            await ws.send("x" * 70_000)  # over any frame the server takes: that connection is closed (1009) ...
             with pytest.raises(ConnectionClosed) as e:
                 await _recv(ws)
             assert e.value.rcvd.code == 1009
             srv.publish(_pred(1))  # ... and the other one is still served
             assert (await _recv(other))["seq"] == 1
-        assert srv.bad_messages_total == 6
+        assert srv.bad_messages_total == 7
         await srv.close()
     asyncio.run(main())
 

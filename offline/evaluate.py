@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream_ser.model import compact_copy
+from stream_ser.model import compact_copy, quantize_for_cpu
 
 from .corpora import Corpus
 from .metrics import summarize
@@ -155,15 +155,20 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
             model, info = train_model(bank, train_u, val_u, cfg, device, seed, log, progress)
             res = evaluate_model(model, bank, test_u, device, cfg.amp)
             compact = evaluate_model(compact_copy(model), bank, test_u, device, cfg.amp)
+            # what `stream-ser live` runs on a CPU: the compact checkpoint with int8 FC6/FC7 inference
+            deployed = (evaluate_model(quantize_for_cpu(compact_copy(model)), bank, test_u, device, False)
+                        if device.type == "cpu" and cfg.arch == "dcnn_blstmwa" else None)
             rec = {"fold": fold.name, "run": run, "seed": seed, "test": list(fold.test), "val": list(fold.val),
                    "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
                    "compact_uar": compact["uar"], "compact_wa": compact["wa"],
+                   "int8_uar": deployed["uar"] if deployed else None,
                    "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"]},
                    "train_info": info, "seconds": time.time() - t0, "config_fingerprint": fingerprint}
             save_json(path, rec)
             fold_runs.append(rec)
             log(f"fold {fold.name} run {run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} "
-                f"(int8 compact: UAR {compact['uar']:.4f}) ({rec['seconds']:.0f} s)")
+                f"(int8 compact: UAR {compact['uar']:.4f}"
+                + (f"; int8 inference: UAR {deployed['uar']:.4f}" if deployed else "") + f") ({rec['seconds']:.0f} s)")
             if outer is not None:
                 progress.advance(outer)
     results = {

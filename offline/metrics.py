@@ -58,6 +58,7 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         pooled += np.asarray(r["confusion"], dtype=np.int64)
     fold_uar = {f: float(np.mean(v)) for f, v in sorted(by_fold.items())}
     compact = [r["compact_uar"] for r in fold_runs if r.get("compact_uar") is not None]
+    int8 = [(r["int8_uar"], r["uar"]) for r in fold_runs if r.get("int8_uar") is not None]
     m, s = mean_std(fold_uar.values())
     rec = recall_per_class(pooled)
     return {
@@ -67,5 +68,8 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         "confusion": pooled.tolist(), "n_folds": len(fold_uar), "n_fold_runs": len(fold_runs),
         # the int8 compact copy of each fold's model, on the same test speaker (mean over fold-runs)
         "compact_uar_mean": float(np.mean(compact)) if len(compact) == len(fold_runs) and compact else None,
+        # ... run with int8 FC6/FC7 inference, as `stream-ser live` runs it on a CPU
+        "int8_uar_mean": float(np.mean([a for a, _ in int8])) if len(int8) == len(fold_runs) and int8 else None,
+        "int8_max_abs_diff": float(max(abs(a - b) for a, b in int8)) if len(int8) == len(fold_runs) and int8 else None,
         "uar_run_mean": float(np.mean([r["uar"] for r in fold_runs])) if fold_runs else float("nan"),
     }

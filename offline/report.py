@@ -108,6 +108,10 @@ def render_markdown(results: dict) -> str:
     if s.get("compact_uar_mean") is not None:
         lines.append(f"| UAR of the int8 compact models, mean over fold-runs (%) | {100 * s['compact_uar_mean']:.2f} "
                      f"(full precision: {100 * s['uar_run_mean']:.2f}) | – |")
+    if s.get("int8_uar_mean") is not None:
+        lines.append(f"| UAR with int8 CPU inference (compact model, int8 FC6/FC7), mean over fold-runs (%) | "
+                     f"{100 * s['int8_uar_mean']:.2f} (largest change on one fold: "
+                     f"{100 * s['int8_max_abs_diff']:.2f} points) | – |")
     lines.append("")
     lines += ["## UAR per fold (%)", "", "| test | validation | " + " | ".join(f"run {r}" for r in range(cfg["runs"]))
               + " | mean |", "|---|---|" + "---|" * (cfg["runs"] + 1)]

@@ -160,8 +160,11 @@ class EmotionRecognizer:
         return Stream(self.model, sample_rate)
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu") -> EmotionRecognizer:
-    """The bundled model (``path=None``) or a checkpoint, on ``device`` ("cpu", "cuda", "cuda:N")."""
+def load_model(path: str | Path | None = None, device: str = "cpu", precision: str = "auto") -> EmotionRecognizer:
+    """The bundled model (``path=None``) or a checkpoint, on ``device`` ("cpu", "cuda", "cuda:N").
+
+    ``precision``: "auto" (int8 FC6/FC7 on the CPU, fp32 on a GPU), "int8" or "fp32".
+    """
     from .model import CheckpointError, load_checkpoint
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r} asked for, but torch sees no CUDA device")
@@ -172,4 +175,4 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> EmotionRe
         path = default_checkpoint()
         if path is None:
             raise CheckpointError("no bundled model in this install; pass load_model(path) to a checkpoint")
-    return EmotionRecognizer(load_checkpoint(path, device))
+    return EmotionRecognizer(load_checkpoint(path, device, precision))

@@ -322,7 +322,8 @@ class EmotionModel(nn.Module):
         mc = self.model_config
         trained = self.meta.get("trained_on", "untrained (random initialisation)")
         licence = f"; terms: {self.meta['licence']}" if self.meta.get("licence") else ""
-        return f"{mc.arch} ({len(mc.labels)} classes) — {trained}{licence}"
+        inference = f"; {self.meta['inference']}" if self.meta.get("inference") else ""
+        return f"{mc.arch} ({len(mc.labels)} classes) — {trained}{licence}{inference}"
 
 
 # --- checkpoints -------------------------------------------------------------------
@@ -397,8 +398,36 @@ def save_checkpoint(model: EmotionModel, path: str | Path, compact: bool = False
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> EmotionModel:
-    """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode."""
+PRECISIONS = ("auto", "int8", "fp32")
+
+
+def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
+    """int8 inference for the embedder's FC6/FC7 (dynamic quantisation, fbgemm/oneDNN kernels), in place.
+
+    FC6 and FC7 hold 218 MB of the AlexNet's weights and dominate a segment's cost
+    on the CPU; weights become int8 per output channel and activations are
+    quantised per batch on the fly. The convolutions and the head stay fp32
+    (quantising them did not pay: ``docs/benchmarks.md``). CPU only.
+    """
+    import warnings
+    emb = model.embedder
+    if not isinstance(emb, SegmentEmbedder) or model.device.type != "cpu":
+        return model
+    with warnings.catch_warnings():  # torch 2.11 flags torch.ao.quantization for a future move to torchao
+        warnings.simplefilter("ignore")
+        emb.fc = torch.ao.quantization.quantize_dynamic(emb.fc, {nn.Linear}, dtype=torch.qint8)
+    model.meta["inference"] = "int8 FC6/FC7 (dynamic)"
+    return model
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> EmotionModel:
+    """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode.
+
+    ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, fp32 elsewhere; see
+    :func:`quantize_for_cpu`), ``int8`` (the same), or ``fp32``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -424,4 +453,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Emo
         raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}"
                               f"{' …' if len(bad) > 3 else ''}; the model would answer NaN. Retrain it.")
     model.meta = dict(payload.get("meta") or {})
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if precision != "fp32":
+        quantize_for_cpu(model)
+    return model

@@ -1,0 +1,63 @@
+"""int8 CPU inference (the default on the CPU): faster, and what it changes stays small."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stream_ser.assets import default_checkpoint
+from stream_ser.audio import load_audio
+from stream_ser.model import load_checkpoint
+from stream_ser.recognizer import StreamingRecognizer
+
+@pytest.fixture(scope="module")
+def models():
+    path = default_checkpoint()
+    if path is None:
+        pytest.skip("no bundled model in this install")
+    return load_checkpoint(path, "cpu"), load_checkpoint(path, "cpu", precision="fp32")
+
+
+def test_cpu_loads_int8_by_default_and_fp32_on_request(models):
+    q, f = models
+    assert "int8" in q.describe() and "int8" not in f.describe()
+    assert not any(type(m) is nn.Linear for m in q.embedder.fc.modules())  # FC6/FC7 replaced
+    assert sum(type(m) is nn.Linear for m in f.embedder.fc.modules()) == 2
+    with pytest.raises(ValueError, match="precision"):
+        load_checkpoint(default_checkpoint(), "cpu", precision="fp16")
+
+
+def test_int8_agrees_with_fp32_on_real_speech(models, emodb_dir):
+    q, f = models
+    waves = [load_audio(p) for p in sorted((emodb_dir / "wav").glob("*.wav"))[::45]]  # 12, every speaker
+    pq, pf = q.predict(waves), f.predict(waves)
+    assert (pq.argmax(-1) == pf.argmax(-1)).all()
+    assert float((pq - pf).abs().max()) < 0.03
+
+
+def test_int8_stream_stays_close_to_int8_offline(emodb_wav):
+    """Dynamic quantisation scales activations per batch, so a segment embedded alone (streaming)
+    differs slightly from the same segment in a batch (offline); in fp32 the two are equal to 1e-4
+    (tests/test_recognizer.py)."""
+    import copy
+
+    from stream_ser.model import EmotionModel, quantize_for_cpu
+    torch.manual_seed(1234)
+    fp32 = EmotionModel().eval()
+    q = quantize_for_cpu(copy.deepcopy(fp32))
+    audio = load_audio(emodb_wav("16b01Tb")).numpy()
+    cfg = q.frontend_config
+    n = cfg.segments_for_frames(cfg.frames_for(len(audio))) - cfg.segments_per_utterance + 1
+    waves = [torch.from_numpy(audio[cfg.shift_samples * k: cfg.shift_samples * k + cfg.utterance_samples])
+             for k in range(n)]
+    for model in (q, fp32):
+        offline = model.predict(waves).numpy()
+        rec = StreamingRecognizer(model)
+        preds = []
+        for i in range(0, len(audio), 1000):
+            preds += rec.push(audio[i:i + 1000])
+        got = np.array([[p.probabilities[lab] for lab in model.labels] for p in preds])
+        assert got.shape == offline.shape
+        np.testing.assert_allclose(got, offline, atol=0.01 if model is q else 1e-4, rtol=0)

@@ -24,9 +24,9 @@ import torch
 
 from .adaptation import RunningStats
 from .audio import AudioError, check_samples, load_audio
-from .recognizer import ACTIVITY_THRESHOLD_DBFS, Prediction, StreamingRecognizer, _dbfs, frame_energy
-
-MIN_SPEECH_ACTIVITY = 0.1  # fewer active frames than this: no speech, no emotion (label None)
+from .recognizer import (ACTIVITY_THRESHOLD_DBFS, MIN_SPEECH_ACTIVITY, Prediction, StreamingRecognizer, _dbfs,
+                         frame_energy)
+from .vad import MIN_SPEECH_FRACTION, speech_fraction_of
 
 
 @dataclass
@@ -38,14 +38,13 @@ class Window:
     label: str | None  # None: not enough speech in the window
     confidence: float
     probabilities: dict[str, float]
-    speech_activity: float
+    speech_activity: float  # share of the window that is speech (silero-vad)
     speech: bool
 
     @classmethod
     def from_prediction(cls, p: Prediction) -> "Window":
-        speech = p.speech_activity >= MIN_SPEECH_ACTIVITY
-        return cls(p.window_start_s, p.window_end_s, p.label if speech else None, p.confidence, p.probabilities,
-                   p.speech_activity, speech)
+        return cls(p.window_start_s, p.window_end_s, p.label, p.confidence, p.probabilities,
+                   p.speech_activity, p.speech)
 
 
 @dataclass
@@ -55,7 +54,7 @@ class Result:
     label: str | None  # None when the audio holds no speech
     confidence: float  # probability of the top label
     probabilities: dict[str, float]
-    speech_activity: float  # fraction of 10 ms frames above the activity threshold
+    speech_activity: float  # share of the audio that is speech (silero-vad 32 ms chunks; energy with vad off)
     duration_s: float
     windows: list[Window] = field(default_factory=list)
 
@@ -83,19 +82,23 @@ def to_mono_16k(audio, sample_rate: int | None, target: int = 16_000, source: st
     return x
 
 
-def _activity(x: np.ndarray) -> float:
-    """Fraction of 10 ms frames above the activity threshold, as the live recognizer counts them."""
+def _activity(x: np.ndarray, vad: bool) -> tuple[float, bool]:
+    """(share of speech, enough for an emotion) as the live recognizer judges a window."""
+    if vad:
+        frac = speech_fraction_of(x)
+        return frac, frac >= MIN_SPEECH_FRACTION
     energy = frame_energy(x)
-    return float((_dbfs(energy) > ACTIVITY_THRESHOLD_DBFS).mean()) if energy.size else 0.0
+    frac = float((_dbfs(energy) > ACTIVITY_THRESHOLD_DBFS).mean()) if energy.size else 0.0
+    return frac, frac >= MIN_SPEECH_ACTIVITY
 
 
 class Stream:
     """Live use from Python: ``push(chunk) -> list[Window]`` at any sample rate; ``reset()``."""
 
-    def __init__(self, model, sample_rate: int = 16_000):
+    def __init__(self, model, sample_rate: int = 16_000, vad: bool = True):
         self.model = model
         self.sample_rate = int(sample_rate)
-        self.recognizer = StreamingRecognizer(model)
+        self.recognizer = StreamingRecognizer(model, vad=vad)
         self._resampler = None
         if self.sample_rate != model.frontend_config.sample_rate:
             import soxr
@@ -116,8 +119,9 @@ class Stream:
 class EmotionRecognizer:
     """A loaded model with the whole-file and streaming entry points (see the module docstring)."""
 
-    def __init__(self, model):
+    def __init__(self, model, vad: bool = True):
         self.model = model.eval()
+        self.vad = vad  # silero-vad decides what is speech; False: the energy threshold
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -147,23 +151,25 @@ class EmotionRecognizer:
             cur = rs.current()
             stats = (cur.mean, cur.std)
         probs = self.model.predict([wave], stats=stats)[0].numpy()
-        activity = _activity(x)
+        activity, speech = _activity(x, self.vad)
         top = int(np.argmax(probs))
-        label = self.labels[top] if activity >= MIN_SPEECH_ACTIVITY else None
+        label = self.labels[top] if speech else None
         wins = []
         if windows:
-            wins = [Window.from_prediction(p) for p in StreamingRecognizer(self.model).push(x)]
+            wins = [Window.from_prediction(p) for p in StreamingRecognizer(self.model, vad=self.vad).push(x)]
         return Result(label, float(probs[top]), {lab: float(p) for lab, p in zip(self.labels, probs)}, activity,
                       x.size / fc.sample_rate, wins)
 
     def stream(self, sample_rate: int = 16_000) -> Stream:
-        return Stream(self.model, sample_rate)
+        return Stream(self.model, sample_rate, vad=self.vad)
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu", precision: str = "auto") -> EmotionRecognizer:
+def load_model(path: str | Path | None = None, device: str = "cpu", precision: str = "auto",
+               vad: bool = True) -> EmotionRecognizer:
     """The bundled model (``path=None``) or a checkpoint, on ``device`` ("cpu", "cuda", "cuda:N").
 
     ``precision``: "auto" (int8 FC6/FC7 on the CPU, fp32 on a GPU), "int8" or "fp32".
+    ``vad``: silero-vad decides which windows hold speech (False: an energy threshold).
     """
     from .model import CheckpointError, load_checkpoint
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -175,4 +181,4 @@ def load_model(path: str | Path | None = None, device: str = "cpu", precision: s
         path = default_checkpoint()
         if path is None:
             raise CheckpointError("no bundled model in this install; pass load_model(path) to a checkpoint")
-    return EmotionRecognizer(load_checkpoint(path, device, precision))
+    return EmotionRecognizer(load_checkpoint(path, device, precision), vad=vad)

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--checkpoint", default=None,
                     help="model checkpoint (.pt); default: the bundled model. 'random' = untrained (pipeline tests)")
     lv.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
+    lv.add_argument("--no-vad", dest="vad", action="store_false",
+                    help="judge speech by an energy threshold instead of silero-vad (faster; noise then "
+                         "counts as speech)")
     lv.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
                     help="CNN inference precision: auto = int8 FC6/FC7 on the CPU (about 1 %% change in the "
                          "embeddings, several times faster), fp32 on a GPU; fp32 forces full precision")
@@ -110,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--windows", action="store_true", help="also the rolling 3 s predictions (every 320 ms)")
     f.add_argument("--checkpoint", default=None, help="model checkpoint (.pt); default: the bundled model")
     f.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    f.add_argument("--no-vad", dest="vad", action="store_false",
+                    help="judge speech by an energy threshold instead of silero-vad (faster; noise then "
+                         "counts as speech)")
     f.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
                     help="CNN inference precision: auto = int8 FC6/FC7 on the CPU (about 1 %% change in the "
                          "embeddings, several times faster), fp32 on a GPU; fp32 forces full precision")
@@ -192,7 +198,7 @@ def run_file_mode(args) -> int:
     from .model import CheckpointError
 
     try:
-        rec = EmotionRecognizer(open_model(args.checkpoint, args.device, args.precision))
+        rec = EmotionRecognizer(open_model(args.checkpoint, args.device, args.precision), vad=args.vad)
     except (CheckpointError, ValueError) as e:
         return _fail(str(e))
     print(f"model: {rec.describe()}", file=sys.stderr)
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     from .live import LiveApp
     from .model import CheckpointError
     from .server import ProducerLimits
+    from .vad import VadError
 
     if not _is_loopback(args.host) and not args.token:
         what = "read every prediction and push audio (--producers)" if args.producers else "read every prediction"
@@ -277,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                       log_lines=not args.dashboard, wait_for_subscriber=args.wait_for_subscriber,
                       queue_size=args.queue_size, producers=args.producers,
                       limits=ProducerLimits(args.max_frame_bytes, realtime_only=not args.allow_fast_producers),
-                      adapt=args.adapt, enroll=enroll)
-    except (CheckpointError, CaptureError, ValueError) as e:
+                      adapt=args.adapt, enroll=enroll, vad=args.vad)
+    except (CheckpointError, CaptureError, ValueError, VadError) as e:
         return _fail(str(e))
     try:
         return asyncio.run(app.run())

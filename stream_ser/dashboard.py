@@ -55,7 +55,7 @@ class DashboardState:
             self.n_predictions += 1
             if not self.labels:
                 self.labels = list(msg["probabilities"])
-            silent = msg.get("speech_activity", 1.0) < SILENCE_ACTIVITY
+            silent = _silent(msg)
             self.history.append((msg["window_end_s"], msg["label"], msg["confidence"], silent))
             while self.history and self.history[0][0] < msg["window_end_s"] - HISTORY_S:
                 self.history.popleft()
@@ -65,6 +65,24 @@ class DashboardState:
             self.ended = msg.get("reason", "ended")
         elif kind == P.ERROR:
             self.errors = (self.errors + [f"{msg.get('code')}: {msg.get('message')}"])[-3:]
+
+
+def _silent(msg: dict) -> bool:
+    """No speech in the window: the server's ``speech`` verdict (older servers: the activity threshold)."""
+    if "speech" in msg:
+        return not msg["speech"] or msg.get("label") is None
+    return msg.get("speech_activity", 1.0) < SILENCE_ACTIVITY
+
+
+def marks(labels: list[str]) -> dict[str, str]:
+    """One distinct character per label for the history line: its first letter, or the next unused
+    letter of its name (sadness S, surprise U), or a digit."""
+    out: dict[str, str] = {}
+    for lab in labels:
+        taken = set(out.values())
+        out[lab] = next((ch for ch in lab.upper() if ch.isalpha() and ch not in taken),
+                        next((d for d in "123456789" if d not in taken), "?"))
+    return out
 
 
 def adaptation_text(ad: dict | None) -> str:
@@ -96,12 +114,14 @@ def render(state: DashboardState, width: int = 100) -> Group:
         parts.append(Panel(Text("waiting for the first prediction (needs 3 s of audio)…", style="grey62"),
                            title="emotion"))
     else:
-        silent = cur.get("speech_activity", 1.0) < SILENCE_ACTIVITY
+        silent = _silent(cur)
         color = COLORS.get(cur["label"], "white")
         big = Text()
         if silent:
-            big.append("(silence)  ", style="bold grey62")
-            big.append(f"model says {cur['label']} {100 * cur['confidence']:.0f}%", style="grey50")
+            top = max(cur["probabilities"], key=cur["probabilities"].get) if cur["probabilities"] else "?"
+            big.append("NO SPEECH  ", style="bold grey62")
+            big.append(f"(no emotion given; the model alone would say {top} "
+                       f"{100 * cur['confidence']:.0f}%)", style="grey50")
         else:
             big.append(cur["label"].upper(), style=f"bold {color}")
             big.append(f"  {100 * cur['confidence']:.1f}%", style="bold")
@@ -117,9 +137,11 @@ def render(state: DashboardState, width: int = 100) -> Group:
         parts.append(Panel(Group(big, bars), title="emotion (last 3 s)"))
 
         hist = Text()
+        mk = marks(state.labels)
         for _, lab, conf, sil in state.history:
-            hist.append(lab[0].upper() if not sil else "·", style=("grey42" if sil else COLORS.get(lab, "white")))
-        legend = Text("  ".join(f"{lab[0].upper()}={lab}" for lab in state.labels), style="grey50")
+            hist.append("·" if sil or lab is None else mk.get(lab, "?"),
+                        style=("grey42" if sil or lab is None else COLORS.get(lab, "white")))
+        legend = Text("  ".join(f"{mk[lab]}={lab}" for lab in state.labels) + "  ·=no speech", style="grey50")
         parts.append(Panel(Group(hist, legend), title=f"history (last {HISTORY_S:.0f} s, one mark per "
                                                         f"{state.hop_s * 1000:.0f} ms)"))
 

@@ -36,12 +36,13 @@ class MultiStreamEngine:
         self.head_batches: deque[int] = deque(maxlen=10_000)  # windows per head call
         self.steps = 0
 
-    def add_stream(self, stream_id: str, adapt: bool = True) -> StreamingRecognizer:
-        """A new stream with its own state (and its own speaker statistics for ``speaker`` models)."""
+    def add_stream(self, stream_id: str, adapt: bool = True, vad: bool = True) -> StreamingRecognizer:
+        """A new stream with its own state (its own speech detector, and its own speaker statistics
+        for ``speaker`` models)."""
         with self._lock:
             if stream_id in self.streams:
                 raise ValueError(f"stream {stream_id!r} exists")
-            rec = StreamingRecognizer(self.model, stream=stream_id, adapt=adapt)
+            rec = StreamingRecognizer(self.model, stream=stream_id, adapt=adapt, vad=vad)
             self.streams[stream_id] = rec
             self._inbox[stream_id] = deque()
             return rec

@@ -39,7 +39,7 @@ class LiveApp:
     def __init__(self, model, source, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
                  dashboard: bool = True, log_lines: bool = False, wait_for_subscriber: bool = False,
                  queue_size: int = 256, producers: bool = False, limits: ProducerLimits | None = None,
-                 out=None, console=None, adapt: bool = True, enroll=None):
+                 out=None, console=None, adapt: bool = True, enroll=None, vad: bool = True):
         if model.frontend_config.normalization == "utterance":
             raise ValueError("this model normalises whole utterances (the paper's preprocessing) and cannot "
                              "stream; retrain it with --normalization speaker, segment or corpus")
@@ -47,7 +47,8 @@ class LiveApp:
         self.source = source
         self.engine = MultiStreamEngine(model)
         self.adapt = adapt
-        self.recognizer = self.engine.add_stream(LOCAL, adapt=adapt) if source is not None else None
+        self.vad = vad
+        self.recognizer = self.engine.add_stream(LOCAL, adapt=adapt, vad=vad) if source is not None else None
         if enroll is not None and self.recognizer is not None:
             self.recognizer.enroll(enroll)
         self.dashboard_on = dashboard
@@ -77,7 +78,7 @@ class LiveApp:
     # --- producers (loop thread) ------------------------------------------------------
     def _on_producer(self, client: Client, rate: int) -> str:
         sid = f"p{client.id}"
-        self.engine.add_stream(sid, adapt=self.adapt)
+        self.engine.add_stream(sid, adapt=self.adapt, vad=self.vad)
         if rate != self.model.frontend_config.sample_rate:
             import soxr
             self._resamplers[sid] = soxr.ResampleStream(rate, self.model.frontend_config.sample_rate, 1,
@@ -139,7 +140,8 @@ class LiveApp:
         if self.log_lines:
             t = pred["timings_ms"]
             print(f"#{pred['seq']:<5d} {pred['window_start_s']:7.2f}-{pred['window_end_s']:7.2f} s  "
-                  f"{pred['label']:<10s} {100 * pred['confidence']:5.1f}%  activity {100 * pred['speech_activity']:3.0f}%"
+                  + (f"{pred['label']:<10s} {100 * pred['confidence']:5.1f}%" if pred["speech"] else f"{'(no speech)':<17s}")
+                  + f"  speech {100 * pred['speech_activity']:3.0f}%"
                   f"  latency {t['total']:6.1f} ms (front-end {t['frontend']:.1f}, CNN {t['embed']:.1f}, "
                   f"head {t['head']:.1f})" + (f"  speaker stats {pred['adaptation']['speech_s']:.1f} s"
                                              if pred.get("adaptation") else ""), file=self.out, flush=True)

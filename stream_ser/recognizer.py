@@ -27,8 +27,10 @@ import torch
 from .adaptation import RunningStats, Stats
 from .audio import check_samples
 from .model import EmotionModel
+from .vad import MIN_SPEECH_FRACTION, SpeechDetector
 
-ACTIVITY_THRESHOLD_DBFS = -45.0  # a frame with RMS above this counts as sound (speech activity)
+ACTIVITY_THRESHOLD_DBFS = -45.0  # with vad off: a frame with RMS above this counts as sound (speech activity)
+MIN_SPEECH_ACTIVITY = 0.1  # with vad off: fewer such frames in a window than this, no emotion
 
 
 def frame_energy(x: np.ndarray, win: int = 400, hop: int = 160) -> np.ndarray:
@@ -51,10 +53,10 @@ class Prediction:
     window_start_s: float  # first sample of segment k
     window_end_s: float  # last sample of segment k+7
     probabilities: dict[str, float]
-    label: str
+    label: str | None  # None: not enough speech in the window (``speech`` False), no emotion
     confidence: float
     attention: list[float]  # over the 8 segments, oldest first
-    speech_activity: float  # fraction of the window's frames above ACTIVITY_THRESHOLD_DBFS
+    speech_activity: float  # share of the window that is speech: silero-vad chunks (energy frames with vad off)
     level_dbfs: float  # RMS level of the newest segment
     timings_ms: dict[str, float] = field(default_factory=dict)  # frontend, embed, head, total
     stream: str | None = None
@@ -62,6 +64,7 @@ class Prediction:
     # speaker adaptation (``speaker`` normalisation): None for other models, else
     # {"on": updating from speech, "speech_s": seconds of speech behind the statistics, "enrolled": bool}
     adaptation: dict | None = None
+    speech: bool = True  # speech_activity reached the threshold (vad.MIN_SPEECH_FRACTION; energy: 0.1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,8 +100,9 @@ class SegmentStream:
     the statistics current at that moment, once.
     """
 
-    def __init__(self, model: EmotionModel, adapt: bool = True):
+    def __init__(self, model: EmotionModel, adapt: bool = True, vad: bool = True):
         self.frontend = model.frontend
+        self.vad = SpeechDetector() if vad else None
         self.cfg = model.frontend_config
         self.device = model.device
         self.adaptation: RunningStats | None = None
@@ -118,6 +122,8 @@ class SegmentStream:
         self.next_segment = 0
         self._arrivals: deque[tuple[int, float]] = deque()  # (samples received so far, time)
         self._frontend_s = 0.0
+        if self.vad is not None:
+            self.vad.reset()
 
     # --- speaker adaptation ------------------------------------------------------------
     def enroll(self, wave: np.ndarray | torch.Tensor) -> Stats:
@@ -158,6 +164,8 @@ class SegmentStream:
         self.n_samples += x.size
         self._arrivals.append((self.n_samples, arrival))
         self._buf = np.concatenate([self._buf, x]) if self._buf.size else x.copy()
+        if self.vad is not None:
+            self.vad.push(x)
         k = cfg.frames_for(self._buf.size)  # new frames the buffer completes
         if k > 0:
             span = self._buf[: (k - 1) * cfg.hop_length + cfg.win_length]
@@ -188,7 +196,10 @@ class SegmentStream:
                 stats = (cur.mean, cur.std)
             seg = self.frontend.normalize(raw, stats)
         energy = self._energy[a: a + cfg.segment_frames]
-        activity = float((_dbfs(energy) > ACTIVITY_THRESHOLD_DBFS).mean())
+        if self.vad is not None:
+            activity = self.vad.speech_fraction(s * cfg.shift_samples, s * cfg.shift_samples + cfg.segment_samples)
+        else:
+            activity = float((_dbfs(energy) > ACTIVITY_THRESHOLD_DBFS).mean())
         level = float(_dbfs(energy.mean()))
         # arrival of the segment's last sample
         last = s * cfg.shift_samples + cfg.segment_samples
@@ -213,7 +224,7 @@ class StreamingRecognizer:
     ``segments_embedded`` (segments through the CNN), ``predictions``.
     """
 
-    def __init__(self, model: EmotionModel, stream: str | None = None, adapt: bool = True):
+    def __init__(self, model: EmotionModel, stream: str | None = None, adapt: bool = True, vad: bool = True):
         if model.frontend_config.normalization == "utterance":
             raise ValueError("this model normalises whole utterances (the paper's preprocessing); it cannot run "
                              "live. Train with --normalization segment or corpus.")
@@ -222,7 +233,8 @@ class StreamingRecognizer:
         self.cfg = model.frontend_config
         self.window = self.cfg.segments_per_utterance
         self.stream = stream
-        self.segmenter = SegmentStream(model, adapt=adapt)
+        self.segmenter = SegmentStream(model, adapt=adapt, vad=vad)
+        self.min_speech = MIN_SPEECH_FRACTION if vad else MIN_SPEECH_ACTIVITY
         self.segments_seen = self.embedder_calls = self.segments_embedded = self.predictions = 0
         self.reset()
 
@@ -293,6 +305,8 @@ class StreamingRecognizer:
         first, last = segs[0], segs[-1]
         sr = self.cfg.sample_rate
         top = int(np.argmax(probs))
+        activity = float(np.mean([s.activity for s in segs]))
+        speech = activity >= self.min_speech
         self._seq += 1
         self.predictions += 1
         return Prediction(
@@ -300,15 +314,16 @@ class StreamingRecognizer:
             window_start_s=first.index * self.cfg.shift_samples / sr,
             window_end_s=(last.index * self.cfg.shift_samples + self.cfg.segment_samples) / sr,
             probabilities={lab: float(p) for lab, p in zip(self.labels, probs)},
-            label=self.labels[top], confidence=float(probs[top]),
+            label=self.labels[top] if speech else None, confidence=float(probs[top]),
             attention=[float(a) for a in alpha],
-            speech_activity=float(np.mean([s.activity for s in segs])),
+            speech_activity=activity,
             level_dbfs=last.level_dbfs,
             timings_ms={"frontend": last.frontend_ms, "embed": last.embed_ms, "head": head_ms,
                         "total": 1e3 * (time.perf_counter() - last.arrival)},
             stream=self.stream,
             t_arrival=time.time() - (time.perf_counter() - last.arrival),
             adaptation=last.adaptation,
+            speech=speech,
         )
 
     @property

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 import stream_ser
-from stream_ser.api import MIN_SPEECH_ACTIVITY, EmotionRecognizer
+from stream_ser.api import MIN_SPEECH_FRACTION, EmotionRecognizer
 from stream_ser.audio import AudioError, load_audio
 from stream_ser.model import CheckpointError
 
@@ -64,10 +64,21 @@ def test_short_file_gets_a_whole_file_answer_like_the_offline_model(model, emodb
     assert r.probabilities == pytest.approx(dict(zip(m.labels, ref.tolist())), abs=1e-5)
 
 
-def test_silence_is_no_speech(model):
-    r = model.recognize(np.zeros(4 * 16000, np.float32), sample_rate=16000)
-    assert r.label is None and not r.speech and r.speech_activity < MIN_SPEECH_ACTIVITY
+@pytest.mark.parametrize("kind", ["silence", "white noise", "hum"])
+def test_silence_and_noise_are_no_speech(model, kind):
+    n = 4 * 16000
+    x = {"silence": np.zeros(n, np.float32),
+         "white noise": np.random.default_rng(1).normal(0, 0.1, n).astype(np.float32),
+         "hum": (0.3 * np.sin(2 * np.pi * 50 * np.arange(n) / 16000)).astype(np.float32)}[kind]
+    r = model.recognize(x, sample_rate=16000)
+    assert r.label is None and not r.speech and r.speech_activity < MIN_SPEECH_FRACTION
     assert all(w.label is None and not w.speech for w in r.windows) and len(r.windows) == 4
+    assert json.loads(json.dumps(r.to_dict()))["label"] is None
+
+
+def test_speech_is_speech(model, emodb_wav):
+    r = model.recognize(emodb_wav(LONG))
+    assert r.speech and r.label in model.labels and r.speech_activity > 0.5
 
 
 def test_stream_push_at_48k_gives_rolling_windows(model, emodb_wav):

@@ -46,11 +46,33 @@ def test_render_sequence_of_predictions():
 
 def test_silence_and_end_are_shown():
     s = DashboardState()
-    s.update(_pred(1, "neutral", 0.4, activity=0.0))
+    s.update(_pred(1, "neutral", 0.4, activity=0.0))  # an older server: no `speech` field
     s.update(P.end("source ended"))
     out = _text(s)
-    assert "(silence)" in out and "NEUTRAL" not in out
+    assert "NO SPEECH" in out and "NEUTRAL" not in out
     assert "stream ended: source ended" in out
+
+
+def test_no_speech_windows_show_no_emotion_and_a_gap_in_the_history():
+    s = DashboardState()
+    s.update(_pred(1, "anger", 0.8))
+    m = _pred(2, "neutral", 0.9, activity=0.05)
+    m.update(label=None, speech=False)
+    s.update(m)
+    s.update(_pred(3, "sadness", 0.7))
+    out = _text(s)
+    assert "A·S" in out and "·=no speech" in out
+    s.update(m)
+    out = _text(s)
+    assert "NO SPEECH" in out and "neutral 90%" in out and "NEUTRAL" not in out
+
+
+def test_history_marks_are_unambiguous():
+    s = DashboardState()
+    s.update(P.hello(LABELS + ["calm", "surprise"], "m", {}, 0.32, 3.0))
+    s.update(_pred(1, "sadness", 0.8))
+    out = _text(s)
+    assert "S=sadness" in out and "U=surprise" in out and "C=calm" in out
 
 
 def test_history_keeps_about_thirty_seconds():

@@ -14,7 +14,7 @@ plus a status every second, as ``stream-ser live`` does:
 4. ``producers``: N producers sending 0.1 s frames at real-time pace: every
    stream's bytes arrive complete and unmixed.
 
-Writes ``bench/results/reliability.json``. Takes about two minutes.
+Writes ``bench/results/server/reliability.json``. Takes about two minutes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from stream_ser import protocol as P
 from stream_ser.server import Broadcaster
 
 HOP_S = 0.32
-OUT = Path(__file__).resolve().parent / "results" / "reliability.json"
+OUT = Path(__file__).resolve().parent / "results" / "server" / "reliability.json"  # not beside bench.run's files
 
 
 def _server(**kw) -> Broadcaster:

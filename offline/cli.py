@@ -38,6 +38,9 @@ CORPORA = ["emodb", "ravdess", "iemocap", "csv"]
 LICENCES = {"emodb": "EMO-DB: free for research (Burkhardt et al. 2005)",
             "ravdess": "CC BY-NC-SA 4.0 (RAVDESS, Livingstone & Russo 2018): non-commercial, share-alike",
             "iemocap": "IEMOCAP licence (USC SAIL): research only"}
+# what a corpus's speech is, for the model description users see
+SPEECH = {"emodb": "German acted speech", "ravdess": "North American English acted speech",
+          "iemocap": "English acted and improvised dialogue"}
 
 
 def _corpus_kind(text: str) -> str:
@@ -120,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     t.add_argument("--val-speaker", action="append", default=[],
                    help="hold this speaker out for model selection (repeatable); default: train on all, last epoch")
-    t.add_argument("--compact", action="store_true", help="also write an int8 compact copy next to --out")
+    t.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write the int8 compact copy (about a quarter of the size) next to --out")
     _add_pretrain_flags(t)
     lo = sub.add_parser("loso", help="leave-one-speaker-out (EMO-DB) / leave-one-session-out (IEMOCAP) evaluation")
     _add_training_flags(lo)
@@ -307,13 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     pre = ""
     if args.pretrain:
         pre = f"; CNN pre-trained on {args.pretrain}"
+    kinds = [SPEECH[n] for n in corpus.name.split("+") if n in SPEECH]
+    speech = f"; {' and '.join(kinds)}" if kinds else ""
     licence = LICENCES.get(corpus.name.split("+")[0], "")
     for name in corpus.name.split("+")[1:] + ([args.pretrain] if args.pretrain else []):
         if LICENCES.get(name, "").startswith("CC BY-NC"):
             licence = LICENCES[name]
     model.meta = {
         "trained_on": f"{corpus.name} ({', '.join(corpus.speakers) if len(corpus.speakers) <= 12 else str(len(corpus.speakers)) + ' speakers'};"
-                      f" {len(train_u)} utterances{'; German acted speech' if corpus.name == 'emodb' else ''}{pre})",
+                      f" {len(train_u)} utterances{speech}{pre})",
         "licence": licence, "pretrained_on": args.pretrain,
         "corpus": corpus.name, "speakers": sorted({u.speaker for u in train_u}), "val_speakers": sorted(val_spk),
         "train_config": cfg.to_dict(), "command": command, "train_seconds": info["train_seconds"],

@@ -390,10 +390,12 @@ def stage1_finetune(model: EmotionModel, train: SplitData, val: SplitData | None
     sched = _scheduler(opt, cfg, cfg.stage1_lr, cfg.stage1_epochs * -(-len(X) // cfg.stage1_batch))
     keeper = BestEpoch(emb, progress, "stage 1 (fine-tune CNN)", cfg.stage1_epochs)
     history = []
+    n_batches = -(-len(X) // cfg.stage1_batch)
     for epoch in range(1, cfg.stage1_epochs + 1):
         model.train()
         perm = torch.randperm(len(X), generator=gen)
-        total, n, t0 = 0.0, 0, time.perf_counter()
+        total, n, hits, t0 = 0.0, 0, 0, time.perf_counter()
+        batches = progress.add_task(f"stage 1 epoch {epoch}/{cfg.stage1_epochs}", total=n_batches) if progress else None
         for i in range(0, len(X), cfg.stage1_batch):
             idx = perm[i:i + cfg.stage1_batch]
             segs = X[idx.to(X.device)]
@@ -421,13 +423,20 @@ def stage1_finetune(model: EmotionModel, train: SplitData, val: SplitData | None
                 sched.step()
             total += loss.item() * len(idx)
             n += len(idx)
+            hits += int((logits.argmax(-1) == target).sum())
+            if batches is not None:
+                progress.update(batches, advance=1, description=f"stage 1 epoch {epoch}/{cfg.stage1_epochs} "
+                                f"loss {total / n:.3f} acc {hits / n:.2f}")
+        if batches is not None:
+            progress.remove_task(batches)
         secs = time.perf_counter() - t0
         val_uar = _segment_val_uar(model, val, device, cfg.amp, cfg.stage1_min_speech) if val is not None else float("nan")
-        rec = {"epoch": epoch, "loss": total / n, "val_segment_uar": val_uar, "seconds": secs,
-               "segments_per_s": n / secs}
+        rec = {"epoch": epoch, "loss": total / n, "train_accuracy": hits / n, "val_segment_uar": val_uar,
+               "seconds": secs, "segments_per_s": n / secs}
         history.append(rec)
-        log(f"stage1 epoch {epoch}/{cfg.stage1_epochs} loss {rec['loss']:.4f} val segment UAR {val_uar:.4f} "
-            f"({rec['segments_per_s']:.0f} seg/s)")
+        val_txt = f"val segment UAR {val_uar:.4f}" if val is not None else "no validation speaker (last epoch kept)"
+        log(f"stage1 epoch {epoch}/{cfg.stage1_epochs} loss {rec['loss']:.4f} train acc {hits / n:.3f} {val_txt} "
+            f"({rec['segments_per_s']:.0f} seg/s, {secs:.0f} s)")
         keeper.update(epoch, val_uar, val is not None, f"stage 1 epoch {epoch} loss {rec['loss']:.3f} val {val_uar:.3f}")
     return keeper.finish(history)
 
@@ -499,8 +508,27 @@ def stage2_head(model: EmotionModel, train_x: torch.Tensor, train_y: torch.Tenso
         history.append({"epoch": epoch, "loss": total / n, "val_uar": val_uar})
         keeper.update(epoch, val_uar, val_x is not None, f"stage 2 epoch {epoch} loss {total / n:.3f} val {val_uar:.3f}")
     out = keeper.finish(history)
-    log(f"stage2 best epoch {out['best_epoch']} val UAR {out['best_val_uar']:.4f} (last loss {history[-1]['loss']:.4f})")
+    if val_x is not None:
+        log(f"stage2 best epoch {out['best_epoch']} val UAR {out['best_val_uar']:.4f} (last loss {history[-1]['loss']:.4f})")
+    else:
+        log(f"stage2 {cfg.stage2_epochs} epochs, no validation speaker: last epoch kept (last loss {history[-1]['loss']:.4f})")
+    warn_if_collapsed(predict(train_x), K, model.labels, log)
     return out
+
+
+def warn_if_collapsed(pred: torch.Tensor, n_classes: int, labels, log: Log, share: float = 0.9) -> bool:
+    """Log a warning when one class takes ``share`` of the predictions on the training data (a model that
+    learnt one answer: too few epochs, a bad learning rate, or NaN inputs); True if so."""
+    if n_classes < 2 or pred.numel() == 0:
+        return False
+    counts = torch.bincount(pred, minlength=n_classes)
+    top = int(counts.argmax())
+    if counts[top] >= share * pred.numel():
+        log(f"warning: the model predicts {labels[top]!r} for {100 * float(counts[top]) / pred.numel():.0f} % of its "
+            f"own training utterances: it has collapsed to one class (more epochs, another learning rate, "
+            f"or check the data)")
+        return True
+    return False
 
 
 def train_model(bank: FeatureBank, train_utts: Sequence[Utterance], val_utts: Sequence[Utterance], cfg: TrainConfig,

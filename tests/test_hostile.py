@@ -509,15 +509,13 @@ def _bad_files(d: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["empty", "nan", "huge", "garbage", "text"])
-def test_bad_audio_files_are_one_line_errors_live_and_in_file_mode(kind, tmp_path, capsys):
+def test_bad_audio_files_are_one_line_errors_live_and_in_file_mode(kind, tmp_path, capsys, emodb_wav):
     path = _bad_files(tmp_path)[kind]
     code = cli_main(["live", "--source", str(path), "--no-dashboard", "--fast", "--port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and "Traceback" not in err, err
-    # file mode reports the bad file and goes on with the good one
-    good = tmp_path / "good.wav"
-    import soundfile as sf
-    sf.write(good, 0.3 * np.sin(2 * np.pi * 200 * np.arange(16000 * 3) / 16000), 16000)
+    # file mode reports the bad file and goes on with the good one (real speech)
+    good = emodb_wav("16b01Tb")
     code = cli_main(["file", str(path), str(good), "--json"])
     cap = capsys.readouterr()
     lines = [json.loads(x) for x in cap.out.splitlines()]

@@ -19,13 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bundled_model_and_sample_are_there_and_describe_themselves():
     ckpt = default_checkpoint()
-    assert ckpt is not None, "stream_ser/assets/default-emodb.pt is missing"
+    assert ckpt is not None, "stream_ser/assets/default.pt is missing"
     assert ckpt.stat().st_size <= 80e6
     model = load_checkpoint(ckpt)
-    assert model.labels == ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral")
-    assert "German acted speech" in model.describe() and "emodb" in model.describe()
-    assert model.meta["train_config"]["weights"] != "imagenet"  # pre-trained on speech (RAVDESS), not ImageNet
-    assert model.meta["pretrained_on"] == "ravdess" and "CC BY-NC-SA 4.0" in model.describe()  # terms shown
+    # trained on both corpora: the union of their labels (docs/default-model.md)
+    assert model.labels == ("anger", "boredom", "disgust", "fear", "happiness", "sadness", "neutral", "calm",
+                            "surprise")
+    assert "German acted speech" in model.describe() and "English" in model.describe()
+    assert model.meta["corpus"] == "emodb+ravdess" and len(model.meta["speakers"]) == 34
+    assert model.meta["train_config"]["weights"] != "imagenet"
+    assert "CC BY-NC-SA 4.0" in model.describe()  # RAVDESS's terms shown
     assert model.frontend_config.normalization == "speaker"
     assert sample_path() is not None
 

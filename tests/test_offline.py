@@ -216,7 +216,7 @@ def test_checkpoint_keeps_configs_labels_and_corpus_statistics(tmp_path):
     m = EmotionModel(fc, ModelConfig(labels=("x", "y", "z"), attention=False))
     m.frontend.norm_mean.fill_(1.5)
     m.meta = {"trained_on": "test"}
-    back = load_checkpoint(save_checkpoint(m, tmp_path / "c.pt"))
+    back = load_checkpoint(save_checkpoint(m, tmp_path / "c.pt"), precision="fp32")
     assert back.frontend_config == fc and back.model_config == m.model_config
     assert back.frontend.norm_mean.eq(1.5).all() and back.meta == {"trained_on": "test"}
     w = torch.randn(24000) * 0.1

@@ -198,3 +198,12 @@ def test_train_with_pretraining_records_the_licence(emodb_dir, ravdess_dir, tmp_
     m = load_checkpoint(out)
     assert "CC BY-NC-SA 4.0" in m.meta["licence"] and "pre-trained on ravdess" in m.describe()
     assert m.frontend_config.normalization == "speaker" and (out.parent / "pretrain-ravdess.pt").is_file()
+
+
+def test_a_collapsed_model_is_warned_about():
+    from offline.train import warn_if_collapsed
+    msgs = []
+    assert warn_if_collapsed(torch.zeros(20, dtype=torch.long), 3, ["a", "b", "c"], msgs.append)
+    assert "collapsed to one class" in msgs[0] and "'a'" in msgs[0]
+    assert not warn_if_collapsed(torch.tensor([0, 1, 2, 0, 1, 2]), 3, ["a", "b", "c"], msgs.append)
+    assert len(msgs) == 1

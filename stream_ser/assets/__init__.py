@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = "default-emodb.pt"
+DEFAULT_MODEL = "default.pt"
 SAMPLE = "sample.wav"
 
 

@@ -40,11 +40,12 @@ class Window:
     probabilities: dict[str, float]
     speech_activity: float  # share of the window that is speech (silero-vad)
     speech: bool
+    partial: bool = False  # fewer than 8 segments of audio yet (the first 2.9 s): padded as in training
 
     @classmethod
     def from_prediction(cls, p: Prediction) -> "Window":
         return cls(p.window_start_s, p.window_end_s, p.label, p.confidence, p.probabilities,
-                   p.speech_activity, p.speech)
+                   p.speech_activity, p.speech, p.partial)
 
 
 @dataclass
@@ -112,6 +113,10 @@ class Stream:
             x = self._resampler.resample_chunk(x)
         return [Window.from_prediction(p) for p in self.recognizer.push(x)]
 
+    def flush(self) -> list[Window]:
+        """The end of the audio: the window(s) holding its last samples, padded as a short file is."""
+        return [Window.from_prediction(p) for p in self.recognizer.flush()]
+
     def reset(self) -> None:
         self.recognizer.reset()
 
@@ -156,7 +161,8 @@ class EmotionRecognizer:
         label = self.labels[top] if speech else None
         wins = []
         if windows:
-            wins = [Window.from_prediction(p) for p in StreamingRecognizer(self.model, vad=self.vad).push(x)]
+            rec = StreamingRecognizer(self.model, vad=self.vad)
+            wins = [Window.from_prediction(p) for p in rec.push(x) + rec.flush()]
         return Result(label, float(probs[top]), {lab: float(p) for lab, p in zip(self.labels, probs)}, activity,
                       x.size / fc.sample_rate, wins)
 

@@ -111,7 +111,7 @@ def render(state: DashboardState, width: int = 100) -> Group:
     parts.append(head)
 
     if cur is None:
-        parts.append(Panel(Text("waiting for the first prediction (needs 3 s of audio)…", style="grey62"),
+        parts.append(Panel(Text("waiting for the first prediction (after 0.66 s of audio)…", style="grey62"),
                            title="emotion"))
     else:
         silent = _silent(cur)
@@ -127,6 +127,8 @@ def render(state: DashboardState, width: int = 100) -> Group:
             big.append(f"  {100 * cur['confidence']:.1f}%", style="bold")
         big.append(f"    window {cur['window_start_s']:.2f}–{cur['window_end_s']:.2f} s   #{cur['seq']}",
                    style="grey62")
+        if cur.get("partial"):
+            big.append("   partial: under 3 s heard, the rest of the window is padding", style="yellow")
         bars = Table.grid(padding=(0, 1))
         bars.add_column(justify="right", width=10)
         bars.add_column()

@@ -113,6 +113,12 @@ class LiveApp:
                     loop.call_soon_threadsafe(self._on_prediction, p.to_dict())
                 if got is None and not preds:
                     if self.source is not None and self.source.finished and not self.engine.pending():
+                        # the end of the source: a final window for the audio after the last segment
+                        n = self.recognizer.flush_samples()
+                        if n:
+                            self.engine.feed(LOCAL, np.zeros(n, np.float32))
+                            for p in self.engine.step():
+                                loop.call_soon_threadsafe(self._on_prediction, p.to_dict())
                         break
                     time.sleep(POLL_S)
         except BaseException as e:  # surfaced by run(); the loop must still end

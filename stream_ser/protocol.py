@@ -12,7 +12,11 @@ Server -> client:
   :class:`stream_ser.recognizer.Prediction` (``seq``, ``window_start_s``,
   ``window_end_s``, ``probabilities``, ``label``, ``confidence``, ``attention``,
   ``speech_activity``, ``level_dbfs``, ``timings_ms``, ``stream``, ``adaptation``:
-  null, or ``{on, speech_s, enrolled}`` for a speaker-normalised model).
+  null, or ``{on, speech_s, enrolled}`` for a speaker-normalised model; ``speech``:
+  false when the window holds too little speech, and then ``label`` is null;
+  ``partial``: true for the first windows of a stream, before 3 s were heard,
+  padded as training pads a short utterance; the end of a source adds a final
+  window for its last samples).
 - ``status``: about once a second. ``overruns``, ``lost_samples``, ``dropped``
   (messages this subscriber lost), ``dropped_total``, ``subscribers``,
   ``latency_ms`` ({p50, p95, p99} of total per-hop latency), ``source``, ``uptime_s``;

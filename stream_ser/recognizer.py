@@ -65,6 +65,7 @@ class Prediction:
     # {"on": updating from speech, "speech_s": seconds of speech behind the statistics, "enrolled": bool}
     adaptation: dict | None = None
     speech: bool = True  # speech_activity reached the threshold (vad.MIN_SPEECH_FRACTION; energy: 0.1)
+    partial: bool = False  # fewer than 8 segments heard yet: the rest of the window is padding, as in training
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,7 +225,8 @@ class StreamingRecognizer:
     ``segments_embedded`` (segments through the CNN), ``predictions``.
     """
 
-    def __init__(self, model: EmotionModel, stream: str | None = None, adapt: bool = True, vad: bool = True):
+    def __init__(self, model: EmotionModel, stream: str | None = None, adapt: bool = True, vad: bool = True,
+                 partial: bool = True):
         if model.frontend_config.normalization == "utterance":
             raise ValueError("this model normalises whole utterances (the paper's preprocessing); it cannot run "
                              "live. Train with --normalization segment or corpus.")
@@ -234,6 +236,7 @@ class StreamingRecognizer:
         self.window = self.cfg.segments_per_utterance
         self.stream = stream
         self.segmenter = SegmentStream(model, adapt=adapt, vad=vad)
+        self.partial = partial  # predict from the first segment on, padding the window as training pads
         self.min_speech = MIN_SPEECH_FRACTION if vad else MIN_SPEECH_ACTIVITY
         self.segments_seen = self.embedder_calls = self.segments_embedded = self.predictions = 0
         self.reset()
@@ -279,15 +282,48 @@ class StreamingRecognizer:
         return list(proj), 1e3 * (time.perf_counter() - t0)
 
     def add_segment(self, seg: Segment, proj: torch.Tensor, embed_ms: float) -> bool:
-        """Cache one embedded segment; True when the window is full (a prediction is due)."""
+        """Cache one embedded segment; True when a prediction is due (the window is full, or
+        ``partial`` and this is one of the first 7 segments since the start or a reset)."""
         self.segments_seen += 1
         seg.embed_ms = embed_ms
         self._cache.append((proj, seg))
-        return len(self._cache) == self.window
+        return len(self._cache) == self.window or self.partial
 
     def window_projections(self) -> torch.Tensor:
-        """The cached projections of the current window, [S, dirs, 4H], oldest first."""
-        return torch.stack([p for p, _ in self._cache])
+        """The current window's projections [8, dirs, 4H], oldest first; a window not yet full is completed
+        with the projection of a padding segment (what a zero-padded utterance gives in training)."""
+        proj = [p for p, _ in self._cache]
+        if len(proj) < self.window:
+            proj += [self._padding_projection()] * (self.window - len(proj))
+        return torch.stack(proj)
+
+    def _padding_projection(self) -> torch.Tensor:
+        """The segment of digital silence (log-Mel at the floor, zero deltas), normalised with the
+        statistics of the moment and embedded: one extra embedding per partial window."""
+        cfg, fe = self.cfg, self.model.frontend
+        floor = torch.full((1, cfg.n_mels, cfg.segment_frames), float(np.log(cfg.log_floor)), device=self.model.device)
+        with torch.no_grad():
+            raw = fe.raw_segments_from_log_mel(floor)[0, 0]
+            ad = self.segmenter.adaptation
+            stats = (ad.current().mean, ad.current().std) if ad is not None else None
+            return embed_and_project(self.model, [fe.normalize(raw, stats)])[0]
+
+    def flush_samples(self) -> int:
+        """How many zeros complete the segments that hold the last samples heard, so that the end of a
+        source yields a final window (padded like a short utterance offline); 0 if nothing is pending."""
+        cfg, seg = self.cfg, self.segmenter
+        n = seg.n_samples
+        if n == 0:
+            return 0
+        last = max(0, -(-(n - cfg.segment_samples) // cfg.shift_samples))  # the segment holding sample n-1
+        if last < seg.next_segment:
+            return 0  # already made
+        return last * cfg.shift_samples + cfg.segment_samples - n
+
+    def flush(self) -> list[Prediction]:
+        """End of the stream: predictions for the audio after the last full segment (see :meth:`flush_samples`)."""
+        n = self.flush_samples()
+        return self.push(np.zeros(n, np.float32)) if n else []
 
     def predict_window(self) -> Prediction:
         """Run the head over the cached window (call when :meth:`add_segment` returned True)."""
@@ -324,6 +360,7 @@ class StreamingRecognizer:
             t_arrival=time.time() - (time.perf_counter() - last.arrival),
             adaptation=last.adaptation,
             speech=speech,
+            partial=len(segs) < self.window,
         )
 
     @property

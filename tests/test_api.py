@@ -34,7 +34,10 @@ def test_file_and_array_at_any_rate_agree(model, emodb_wav):
     r = model.recognize(path)
     assert r.label in model.labels and r.speech and 4.3 < r.duration_s < 4.5
     assert abs(sum(r.probabilities.values()) - 1) < 1e-4 and r.confidence == max(r.probabilities.values())
-    assert len(r.windows) == 5 and all(w.label for w in r.windows)
+    full = [w for w in r.windows if not w.partial]
+    # 7 partial windows while the first 3 s fill, 5 full ones, and the end flushed into a 6th
+    assert len(r.windows) == 13 and len(full) == 6 and all(w.label for w in r.windows)
+    assert r.windows[-1].end_s >= r.duration_s
     x = load_audio(path).numpy()
     same = model.recognize(x, sample_rate=16000)
     assert same.probabilities == pytest.approx(r.probabilities, abs=1e-6)
@@ -50,7 +53,9 @@ def test_file_and_array_at_any_rate_agree(model, emodb_wav):
 def test_short_file_gets_a_whole_file_answer_like_the_offline_model(model, emodb_wav):
     path = emodb_wav(SHORT)
     r = model.recognize(path)
-    assert r.label is not None and r.windows == []  # shorter than a window, but still an answer
+    assert r.label is not None  # shorter than a window, but still an answer
+    assert r.windows and all(w.partial for w in r.windows)  # and partial windows, the last one at its end
+    assert r.windows[-1].probabilities == pytest.approx(r.probabilities, abs=0.05)
     m = model.model
     wave = load_audio(path)
     stats = None
@@ -72,7 +77,8 @@ def test_silence_and_noise_are_no_speech(model, kind):
          "hum": (0.3 * np.sin(2 * np.pi * 50 * np.arange(n) / 16000)).astype(np.float32)}[kind]
     r = model.recognize(x, sample_rate=16000)
     assert r.label is None and not r.speech and r.speech_activity < MIN_SPEECH_FRACTION
-    assert all(w.label is None and not w.speech for w in r.windows) and len(r.windows) == 4
+    assert all(w.label is None and not w.speech for w in r.windows)
+    assert len([w for w in r.windows if not w.partial]) == 5  # 4 rolling, 1 flushed at the end
     assert json.loads(json.dumps(r.to_dict()))["label"] is None
 
 
@@ -88,9 +94,13 @@ def test_stream_push_at_48k_gives_rolling_windows(model, emodb_wav):
     got = []
     for i in range(0, len(x), 4800):
         got += s.push(x[i:i + 4800])
-    assert 4 <= len(got) <= 5 and all(w.end_s - w.start_s == pytest.approx(2.895, abs=0.01) for w in got)
+    full = [w for w in got if not w.partial]
+    assert 4 <= len(full) <= 5 and all(w.end_s - w.start_s == pytest.approx(2.895, abs=0.01) for w in full)
+    assert [w.partial for w in got[:7]] == [True] * 7
+    last = s.flush()
+    assert len(last) == 1 and last[0].end_s * 16000 >= len(x) / 3
     s.reset()
-    assert s.push(x[:4800]) == []
+    assert s.push(x[:4800]) == []  # 0.1 s: not a segment yet
 
 
 def test_api_errors(model, tmp_path):
@@ -117,9 +127,9 @@ def test_file_command_json_lines_and_errors(emodb_wav, tmp_path):
     assert p.returncode == 1, p.stderr
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert [r["path"] for r in rows] == [str(emodb_wav(SHORT)), str(bad), str(emodb_wav(LONG))]
-    assert rows[0]["label"] and rows[0]["windows"] == [] and "error" not in rows[0]
+    assert rows[0]["label"] and all(w["partial"] for w in rows[0]["windows"]) and "error" not in rows[0]
     assert "empty" in rows[1]["error"]
-    assert len(rows[2]["windows"]) == 5 and rows[2]["speech"] is True
+    assert len([w for w in rows[2]["windows"] if not w["partial"]]) == 6 and rows[2]["speech"] is True
     assert "model:" in p.stderr and "error:" in p.stderr
     # stdin, text output, exit 0
     data = emodb_wav(SHORT).read_bytes()
@@ -134,4 +144,4 @@ def test_recognizer_wraps_any_model():
     torch.manual_seed(0)
     rec = EmotionRecognizer(EmotionModel(FrontendConfig(image_size=64, normalization="speaker")))
     r = rec.recognize(np.random.default_rng(0).normal(0, 0.1, 20000).astype(np.float32), sample_rate=16000)
-    assert set(r.probabilities) == set(rec.labels) and r.windows == []
+    assert set(r.probabilities) == set(rec.labels) and r.windows and all(w.partial for w in r.windows)

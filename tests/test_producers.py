@@ -57,22 +57,33 @@ async def _produce(url, pcm: np.ndarray, rate: int, frame_s=0.1, speed=1.0):
         return sid, errors, code
 
 
-async def _follow(url, stream, n, timeout=30.0):
+async def _follow(url, stream, n, timeout=30.0, idle_s=None):
+    """Up to ``n`` predictions; with ``idle_s``, also stop once no prediction came for that long."""
     async with connect(url) as ws:
         await _recv(ws)
         await ws.send(P.encode(P.subscribe(stream)))
         preds = []
+        last = None
         while len(preds) < n:
-            m = await _recv(ws, timeout)
+            try:
+                m = await _recv(ws, timeout)
+            except asyncio.TimeoutError:
+                if idle_s is not None and preds:
+                    break
+                raise
             if m["type"] == "prediction":
                 preds.append(m)
+                last = asyncio.get_running_loop().time()
+            elif idle_s is not None and last is not None and asyncio.get_running_loop().time() - last > idle_s:
+                break
         return preds
 
 
 @pytest.fixture()
 def server(checkpoint):  # noqa: F811
+    # fp32: with int8 a segment's embedding depends a little on the batch it shares with other streams
     proc, url = _start(["live", "--source", "none", "--producers", "--checkpoint", str(checkpoint),
-                        "--no-dashboard", "--port", "0", "--max-frame-bytes", "8000"])
+                        "--no-dashboard", "--port", "0", "--max-frame-bytes", "8000", "--precision", "fp32"])
     yield url
     proc.terminate()
     proc.communicate(timeout=30)
@@ -87,7 +98,7 @@ def test_producer_stream_equals_a_lone_recognizer_and_fast_producer_is_cut_off(s
         good = asyncio.create_task(_produce(server, pcm, rate))
         await asyncio.sleep(0.3)
         # the good producer is p<N>; follow every stream and keep its predictions
-        follower = asyncio.create_task(_follow(server, "*", 5))
+        follower = asyncio.create_task(_follow(server, "*", 200, idle_s=3.0))
         fast = asyncio.create_task(_produce(server, np.tile(pcm, 3), rate, speed=20.0))
         big = asyncio.create_task(_produce(server, pcm, rate, frame_s=0.5))  # 16 000 bytes > 8 000
         return await good, await fast, await big, await follower
@@ -97,8 +108,8 @@ def test_producer_stream_equals_a_lone_recognizer_and_fast_producer_is_cut_off(s
     assert [e["code"] for e in ferrs] == ["too_fast"] and fcode == P.CLOSE_PRODUCER_LIMIT
     assert [e["code"] for e in berrs] == ["frame_too_large"] and bcode == P.CLOSE_PRODUCER_LIMIT
     mine = [p for p in preds if p["stream"] == sid]
-    assert [p["seq"] for p in mine] == [1, 2, 3, 4, 5]
-    model = load_checkpoint(checkpoint)
+    assert [p["seq"] for p in mine] == list(range(1, 13))  # 7 partial windows, then 5 full ones
+    model = load_checkpoint(checkpoint, precision="fp32")
     lone = StreamingRecognizer(model).push(pcm)
     np.testing.assert_allclose([[p["probabilities"][lab] for lab in model.labels] for p in mine],
                                [[p.probabilities[lab] for lab in model.labels] for p in lone], atol=1e-4)
@@ -112,12 +123,13 @@ def test_producer_at_another_rate_is_resampled(server, emodb_wav):
     async def main():
         prod = asyncio.create_task(_produce(server, pcm8, 8000))
         await asyncio.sleep(0.3)
-        preds = await _follow(server, "*", 3)
+        preds = await _follow(server, "*", 9)
         return await prod, preds
 
     (sid, errs, _), preds = asyncio.run(main())
-    assert errs == [] and [p["stream"] for p in preds] == [sid] * 3
-    assert all(p["speech_activity"] > 0.3 for p in preds)
+    assert errs == [] and [p["stream"] for p in preds] == [sid] * 9
+    full = [p for p in preds if not p["partial"]]
+    assert full and all(p["speech_activity"] > 0.3 and p["speech"] for p in full)
 
 
 def test_audio_is_refused_without_producers(checkpoint, emodb_wav):  # noqa: F811

@@ -56,13 +56,15 @@ def _chunks(kind, n):
 @pytest.mark.parametrize("chunk", [1, 160, 1000, 4096, "random"])
 def test_stream_equals_offline_for_any_chunking(model, audio, offline, chunk):
     rec = StreamingRecognizer(model)
-    preds = _run(rec, audio, _chunks(chunk, len(audio)))
+    got_all = _run(rec, audio, _chunks(chunk, len(audio)))
+    assert [p.partial for p in got_all] == [True] * 7 + [False] * 5  # partial from the first segment on
+    preds = [p for p in got_all if not p.partial]
     assert len(preds) == len(offline) == 5
     got = np.array([[p.probabilities[lab] for lab in model.labels] for p in preds])
     np.testing.assert_allclose(got, offline, atol=1e-4, rtol=0)
     hop = model.frontend_config.hop_s
     for k, p in enumerate(preds):
-        assert p.seq == k + 1
+        assert p.seq == k + 8
         assert p.window_start_s == pytest.approx(k * hop)
         assert p.window_end_s == pytest.approx(k * hop + 10480 * 8 / 16000 - 7 * (10480 - 5120) / 16000)
         assert p.label == model.labels[int(np.argmax(got[k]))]
@@ -79,13 +81,33 @@ def test_each_segment_embedded_exactly_once(model, audio, monkeypatch):
         return real(images)
 
     monkeypatch.setattr(model.embedder, "forward", counting)
-    rec = StreamingRecognizer(model)
+    rec = StreamingRecognizer(model, partial=False)
     preds = _run(rec, audio, _chunks(160, len(audio)))
     cfg = model.frontend_config
     n_segments = cfg.segments_for_frames(cfg.frames_for(len(audio)))
     assert sum(calls) == n_segments == rec.segments_embedded == rec.segments_seen == 12
     assert rec.counters["predictions"] == len(preds) == n_segments - 7
     assert max(calls) == 1  # 160-sample chunks complete one segment at a time
+    # partial windows embed one padding segment each, never a real segment twice
+    calls.clear()
+    rec = StreamingRecognizer(model)
+    preds = _run(rec, audio, _chunks(160, len(audio)))
+    assert rec.segments_embedded == 12 and sum(calls) == 12 + 7 and len(preds) == 12
+
+
+def test_flushing_a_short_file_equals_the_offline_padded_utterance(model, audio):
+    """A 2 s file: partial windows while it plays, and at its end the window the offline model
+    makes of it (zero-padded to 3 s), exactly."""
+    short = audio[:32000]
+    rec = StreamingRecognizer(model)
+    preds = rec.push(short)
+    assert preds and all(p.partial for p in preds)
+    final = rec.flush()
+    assert len(final) == 1 and final[0].partial
+    assert rec.flush() == []  # nothing left
+    want = model.predict([torch.from_numpy(short)])[0].numpy()
+    got = np.array([final[0].probabilities[lab] for lab in model.labels])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_reset_starts_a_new_stream(model, audio):
@@ -120,7 +142,7 @@ def test_bad_samples_raise_and_keep_state(model, audio):
         rec.push(np.zeros((2, 3, 4), np.float32))
     preds = rec.push(audio[30000:])  # the bad block was refused whole; the stream goes on
     ref = StreamingRecognizer(model)
-    expect = ref.push(audio)
+    expect = ref.push(audio)[-len(preds):]
     np.testing.assert_allclose([p.confidence for p in preds], [p.confidence for p in expect], atol=1e-6)
 
 
@@ -129,7 +151,7 @@ def test_int16_and_stereo_blocks_are_accepted(model, audio):
     pcm = np.clip(audio * 32767, -32768, 32767).astype(np.int16)
     stereo = np.stack([pcm, pcm], axis=1)
     preds = rec.push(stereo)
-    assert len(preds) == 5
+    assert len([p for p in preds if not p.partial]) == 5
 
 
 def test_utterance_normalised_model_is_refused():

@@ -7,13 +7,11 @@ rates are resampled with ``torchaudio.functional.resample``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
 TARGET_RATE_HZ = 16_000
 MAX_ABS_SAMPLE = 1_000.0  # float audio is in [-1, 1]; a little over is clipping, this far over is not audio
@@ -53,12 +51,16 @@ def check_samples(x: np.ndarray, source: str = "samples") -> np.ndarray:
 
 
 def resample(x: np.ndarray | torch.Tensor, orig_hz: int, new_hz: int = TARGET_RATE_HZ) -> torch.Tensor:
-    """Band-limited (sinc) resampling of a whole signal [N] -> [N * new/orig]."""
+    """Band-limited resampling of a whole signal [N] -> [N * new/orig] (soxr, very high quality).
+
+    soxr handles any ratio in linear time; a polyphase filter with the exact rational
+    ratio (torchaudio's) took 1.7 s for 1 s of 24 414 Hz audio.
+    """
     t = torch.as_tensor(x, dtype=torch.float32)
     if orig_hz == new_hz:
         return t
-    g = math.gcd(int(orig_hz), int(new_hz))
-    return AF.resample(t, orig_hz // g, new_hz // g)
+    import soxr
+    return torch.from_numpy(soxr.resample(t.numpy(), int(orig_hz), int(new_hz), quality="VHQ").astype(np.float32))
 
 
 def load_audio(path: str | Path, sample_rate: int = TARGET_RATE_HZ) -> torch.Tensor:

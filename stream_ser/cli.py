@@ -61,13 +61,23 @@ def _device(text: str) -> str:
     return text
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except for on/off flags (where "default: True" only confuses)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="stream-ser", description="Real-time speech emotion recognition: a rolling 3 s "
                                  "prediction every 320 ms, broadcast over a websocket and shown in the terminal.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"stream_ser {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    lv = sub.add_parser("live", help="run the recognizer on the microphone or a file",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lv = sub.add_parser("live", help="run the recognizer on the microphone or a file", formatter_class=_Help)
     lv.add_argument("--source", default="auto",
                     help="mic, a WAV/FLAC path, none (websocket producers only), or auto: the microphone if an input "
                          "device exists, else the bundled sample")
@@ -88,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "read the predictions and, with --producers, push audio)")
     lv.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                     help="no terminal dashboard; log one line per prediction instead")
+    lv.add_argument("--quiet", action="store_true",
+                    help="no dashboard and no line per prediction: only the start line, errors and the summary")
     lv.add_argument("--fast", action="store_true", help="replay a file as fast as possible instead of in real time")
     lv.add_argument("--loop", action="store_true", help="replay a file forever")
     lv.add_argument("--wait-for-subscriber", action="store_true", help="hold the source until a subscriber connects")
@@ -107,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="speaker adaptation off: keep the corpus (or --enroll) statistics fixed instead of "
                          "updating them from the speech heard")
     f = sub.add_parser("file", help="one emotion per file (the utterance-level prediction), text or JSON lines",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     f.add_argument("paths", nargs="+", metavar="PATH", help="audio files (WAV, FLAC, ... any rate); - reads stdin")
     f.add_argument("--json", action="store_true", help="one JSON object per file per line on stdout")
     f.add_argument("--windows", action="store_true", help="also the rolling 3 s predictions (every 320 ms)")
@@ -233,7 +245,11 @@ def run_file_mode(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # name the subcommand whose flag was mistyped, with its usage, not the top-level one
+        sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "devices":
         from .capture import CaptureError, list_input_devices
         try:
@@ -280,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             except AudioError as e:
                 raise ValueError(f"--enroll: {e}") from None
         source = open_source(args)
-        app = LiveApp(model, source, args.host, args.port, args.token, dashboard=args.dashboard,
-                      log_lines=not args.dashboard, wait_for_subscriber=args.wait_for_subscriber,
+        app = LiveApp(model, source, args.host, args.port, args.token, dashboard=args.dashboard and not args.quiet,
+                      log_lines=not args.dashboard and not args.quiet, wait_for_subscriber=args.wait_for_subscriber,
                       queue_size=args.queue_size, producers=args.producers,
                       limits=ProducerLimits(args.max_frame_bytes, realtime_only=not args.allow_fast_producers),
                       adapt=args.adapt, enroll=enroll, vad=args.vad)

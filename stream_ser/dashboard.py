@@ -210,6 +210,8 @@ async def watch(url: str, token: str | None = None, stream: str | None = None, c
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidURI, InvalidHandshake
 
+    if "://" not in url:  # `watch localhost:8765` means the websocket there
+        url = f"ws://{url}"
     headers = {"Authorization": f"Bearer {token}"} if token else None
     console = console or Console()
     deadline = time.monotonic() + max_seconds if max_seconds else None

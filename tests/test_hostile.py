@@ -520,3 +520,28 @@ def test_bad_audio_files_are_one_line_errors_live_and_in_file_mode(kind, tmp_pat
     cap = capsys.readouterr()
     lines = [json.loads(x) for x in cap.out.splitlines()]
     assert code == 1 and len(lines) == 2 and "error" in lines[0] and lines[1]["label"] is not None
+
+
+def test_cli_glitches_fixed(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--version"])
+    assert e.value.code == 0 and "stream_ser" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli_main(["live", "--no-dashbord"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "stream-ser live: error: unrecognized arguments: --no-dashbord" in err
+    with pytest.raises(SystemExit):
+        cli_main(["live", "--help"])
+    out = capsys.readouterr().out
+    assert "--quiet" in out and "(default: True)" not in out and "(default: False)" not in out
+
+
+def test_odd_rate_files_are_resampled_by_soxr(tmp_path):
+    import soundfile as sf
+    from stream_ser.audio import load_audio
+    path = tmp_path / "odd.wav"
+    sf.write(path, 0.1 * np.sin(2 * np.pi * 440 * np.arange(24414 * 2) / 24414), 24414)
+    x = load_audio(path).numpy()
+    assert abs(len(x) - 32000) <= 1
+    spectrum = np.abs(np.fft.rfft(x[4000:-4000]))
+    assert abs(np.argmax(spectrum) * 16000 / len(x[4000:-4000]) - 440) < 2  # the tone kept its pitch

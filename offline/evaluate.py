@@ -154,9 +154,10 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
             test_u = [u for s in fold.test for u in by_spk[s]]
             model, info = train_model(bank, train_u, val_u, cfg, device, seed, log, progress)
             res = evaluate_model(model, bank, test_u, device, cfg.amp)
-            compact = evaluate_model(compact_copy(model), bank, test_u, device, cfg.amp)
-            # what `stream-ser live` runs on a CPU: the compact checkpoint with int8 FC6/FC7 inference
-            deployed = (evaluate_model(quantize_for_cpu(compact_copy(model)), bank, test_u, device, False)
+            small = compact_copy(model)
+            compact = evaluate_model(small, bank, test_u, device, cfg.amp)
+            # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 inference
+            deployed = (evaluate_model(quantize_for_cpu(small), bank, test_u, device, False)
                         if device.type == "cpu" and cfg.arch == "dcnn_blstmwa" else None)
             rec = {"fold": fold.name, "run": run, "seed": seed, "test": list(fold.test), "val": list(fold.val),
                    "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],

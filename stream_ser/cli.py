@@ -70,6 +70,16 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    """--no-vad and --precision: the same for `live` and `file`."""
+    p.add_argument("--no-vad", dest="vad", action="store_false",
+                   help="judge speech by an energy threshold instead of silero-vad (faster; noise then "
+                        "counts as speech)")
+    p.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
+                   help="CNN inference precision: auto = int8 FC6/FC7 on the CPU (about 1 %% change in the "
+                        "embeddings, several times faster), fp32 on a GPU; fp32 forces full precision")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="stream-ser", description="Real-time speech emotion recognition: a rolling 3 s "
                                  "prediction every 320 ms, broadcast over a websocket and shown in the terminal.",
@@ -84,12 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--checkpoint", default=None,
                     help="model checkpoint (.pt); default: the bundled model. 'random' = untrained (pipeline tests)")
     lv.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
-    lv.add_argument("--no-vad", dest="vad", action="store_false",
-                    help="judge speech by an energy threshold instead of silero-vad (faster; noise then "
-                         "counts as speech)")
-    lv.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
-                    help="CNN inference precision: auto = int8 FC6/FC7 on the CPU (about 1 %% change in the "
-                         "embeddings, several times faster), fp32 on a GPU; fp32 forces full precision")
+    _add_inference_flags(lv)
     lv.add_argument("--host", default="127.0.0.1", help="websocket bind address (0.0.0.0 exposes it to the network)")
     lv.add_argument("--port", type=_port, default=8765, help="websocket port (0: any free port)")
     lv.add_argument("--token", default=None, help="require this token from subscribers (?token= or Bearer header)")
@@ -125,12 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--windows", action="store_true", help="also the rolling 3 s predictions (every 320 ms)")
     f.add_argument("--checkpoint", default=None, help="model checkpoint (.pt); default: the bundled model")
     f.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
-    f.add_argument("--no-vad", dest="vad", action="store_false",
-                    help="judge speech by an energy threshold instead of silero-vad (faster; noise then "
-                         "counts as speech)")
-    f.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
-                    help="CNN inference precision: auto = int8 FC6/FC7 on the CPU (about 1 %% change in the "
-                         "embeddings, several times faster), fp32 on a GPU; fp32 forces full precision")
+    _add_inference_flags(f)
     w = sub.add_parser("watch", help="show the dashboard of a running recognizer")
     w.add_argument("url", help="websocket address, e.g. ws://127.0.0.1:8765")
     w.add_argument("--token", default=None)

@@ -59,7 +59,6 @@ class Client:
         self.wake = asyncio.Event()
         self.dropped = 0
         self.pending = 0  # queued or being sent (an error must reach the client before a close)
-        self.dropped_stale = 0  # of those, dropped for age (max_lag_s) rather than queue length
         self.sent = 0
         self.max_lag_s = 0.0  # the oldest a prediction was when this client's sender handed it on
         self.bad_messages = 0
@@ -210,7 +209,6 @@ class Broadcaster:
                                          "dropped_total": self.dropped_total})
                     elif age > self.max_lag_s:
                         c.dropped += 1
-                        c.dropped_stale += 1
                         self.dropped_total += 1
                         c.pending -= 1
                         continue

@@ -73,12 +73,11 @@ class SpeechDetector:
     """
 
     def __init__(self):
+        path = model_path()  # VadError when silero-vad is not installed
         try:
             with warnings.catch_warnings():  # torch 2.11 marks torch.jit.load deprecated; it is silero's format
                 warnings.simplefilter("ignore", DeprecationWarning)
-                self.model = torch.jit.load(str(model_path()), map_location="cpu").eval()
-        except VadError:
-            raise
+                self.model = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as e:  # a damaged install
             raise VadError(f"cannot load the silero-vad model ({type(e).__name__}: {str(e)[:200]})") from None
         self.reset()

@@ -175,7 +175,7 @@ async def stuck(seconds: float) -> dict:
     sock.close()
     await srv.close(drain_s=0.1)
     return {"closed_after_s": None if closed is None else round(closed, 2), "publish_rate_per_s": 20 / HOP_S,
-            "slow_close_s": srv.slow_close_s}
+            "slow_close_s": srv.flow.slow_close_s}
 
 
 async def producers(n: int, seconds: float) -> dict:

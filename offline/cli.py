@@ -16,6 +16,9 @@ from .train import PRESETS, config_from_args
 EPILOG = """examples:
   ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset quick --out runs/emodb-quick
   ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset paper --weights none --out runs/paper
+  ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset paper --weights none --out runs/paper \
+                    --workers 8 --gpus-per-run 0.125      (8 fold-runs at a time on one GPU, local Ray)
+  ser-offline loso  ... --ray-address 10.0.0.1:6379       (an existing Ray cluster)
   ser-offline train --corpus emodb --data ../shared/data/emodb --preset quick --out model.pt
   ser-offline cross --train emodb --train-data ../shared/data/emodb --test ravdess \
                     --test-data ../shared/data/ravdess --out runs/emodb-to-ravdess
@@ -131,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", required=True, help="run folder for results.json, report.md, confusion.png, run.log")
     lo.add_argument("--folds", help="comma-separated subset of folds (test speakers or sessions)")
     _add_pretrain_flags(lo)
+    r = lo.add_argument_group("distributed fold-runs (Ray; pip install 'stream_ser[cluster]')",
+                              "Without these flags fold-runs run one after another in this process and Ray is not "
+                              "imported. Records are the same either way (same seeds, same metrics).")
+    r.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run N fold-runs at a time as tasks of a local Ray (with --ray-address: at most N at a time)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="run the fold-runs on an existing Ray cluster (e.g. 10.0.0.1:6379, or 'auto'); the corpus, "
+                        "--cache-dir and any --weights/--pretrain file must be at the same paths on every node")
+    r.add_argument("--cpus-per-run", type=int, default=None, metavar="C",
+                   help="CPUs (and torch threads) per fold-run (default: cores / N locally, 1 on a cluster)")
+    r.add_argument("--gpus-per-run", type=float, default=0.0, metavar="G",
+                   help="GPUs per fold-run; fractions share one GPU (0.25: four fold-runs per GPU); > 0 trains on "
+                        "CUDA in the tasks (default: 0, CPU)")
     x = sub.add_parser("cross", help="train on one corpus, test on another (on the labels they share)")
     x.add_argument("--train", choices=CORPORA, required=True, help="training corpus kind")
     x.add_argument("--train-data", required=True, help="training corpus folder (or CSV manifest)")
@@ -262,6 +278,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(results['shared_labels'])} shared labels; report: {out / 'report.md'}")
         return 0
     if args.cmd == "loso":
+        executor = None
+        if args.workers is not None or args.ray_address:
+            import os
+
+            from .cluster import RayExecutor
+            cpus = args.cpus_per_run or (1 if args.ray_address else max(1, (os.cpu_count() or 1) // (args.workers or 1)))
+            try:
+                executor = RayExecutor(args.workers, args.ray_address, cpus, args.gpus_per_run)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        elif args.gpus_per_run or args.cpus_per_run:
+            print("error: --gpus-per-run/--cpus-per-run need --workers N or --ray-address ADDR", file=sys.stderr)
+            return 2
         out.mkdir(parents=True, exist_ok=True)
         with _progress_and_log(out / "run.log") as (log, progress):
             if args.pretrain:
@@ -273,15 +303,27 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{command}\npreset {cfg.preset}: {cfg.to_dict()} on {device}; {len(corpus.utterances)} utterances")
             try:
                 results = run_protocol(corpus, cfg, out, device, Path(args.cache_dir), command,
-                                       args.folds.split(",") if args.folds else None, log, progress)
+                                       args.folds.split(",") if args.folds else None, log, progress,
+                                       executor=executor)
             except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            except RuntimeError as e:  # Ray missing or unreachable
+                if executor is None:
+                    raise
                 print(f"error: {e}", file=sys.stderr)
                 return 2
         from .report import write_report
         report = write_report(out)
         s = results["summary"]
-        print(f"UAR {100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f} % over {s['n_folds']} folds "
-              f"(pooled {100 * s['pooled_uar']:.2f} %, WA {100 * s['pooled_wa']:.2f} %); report: {report}")
+        if s:
+            print(f"UAR {100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f} % over {s['n_folds']} folds "
+                  f"(pooled {100 * s['pooled_uar']:.2f} %, WA {100 * s['pooled_wa']:.2f} %); report: {report}")
+        if results["failed"]:
+            print(f"error: {len(results['failed'])} fold-run(s) failed (listed in {out / 'results.json'} and the "
+                  f"report; rerun the same command to retry them): "
+                  + "; ".join(f"{f['fold']} run {f['run']}: {f['error']}" for f in results["failed"]), file=sys.stderr)
+            return 1
         return 0
 
     # train: one deployable model

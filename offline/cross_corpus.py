@@ -21,7 +21,7 @@ import torch
 
 from .corpora import Corpus
 from .evaluate import machine_info
-from .metrics import mean_std, recall_per_class
+from .metrics import mean_std
 from .train import FeatureBank, TrainConfig, build_split, embed_split, head_probs, save_json, train_model
 
 

@@ -115,9 +115,78 @@ def load_fold_run(path: Path, fold: str, run: int, seed: int, fingerprint: str, 
     return rec
 
 
+@dataclass(frozen=True)
+class FoldRun:
+    """One training of one fold: what a worker needs besides the corpus and the recipe."""
+    fold: Fold
+    run: int
+    seed: int
+    index: int  # position in the protocol's order (results are sorted by it, whatever order they finish in)
+
+    @property
+    def name(self) -> str:
+        return f"{self.fold.name}_run{self.run}"
+
+
+def plan_fold_runs(folds: list[Fold], cfg: TrainConfig) -> list[FoldRun]:
+    """Every fold x run with its seed (seed + 1000 * run + fold index: the same wherever it runs)."""
+    return [FoldRun(fold, run, cfg.seed + 1000 * run + fi, fi * cfg.runs + run)
+            for fi, fold in enumerate(folds) for run in range(cfg.runs)]
+
+
+def fold_run_record(corpus: Corpus, cfg: TrainConfig, bank: FeatureBank, job: FoldRun, device: torch.device,
+                    fingerprint: str, log=print, progress=None) -> dict:
+    """Train on the fold's training speakers, select on its validation speaker, test on its test speakers:
+    the fold-run's record (metrics, predictions, timings). Runs in-process or as a Ray task alike."""
+    fold = job.fold
+    by_spk: dict[str, list] = {}
+    for u in corpus.utterances:
+        by_spk.setdefault(u.speaker, []).append(u)
+    t0 = time.time()
+    train_u = [u for s in fold.train for u in by_spk[s]]
+    val_u = [u for s in fold.val for u in by_spk[s]]
+    test_u = [u for s in fold.test for u in by_spk[s]]
+    if not bank.log_mels([u.uid for u in test_u], 1.0)[0]:
+        raise ValueError(f"fold {fold.name}: none of the test speakers' {len(test_u)} files has readable audio")
+    readable_val = set(bank.log_mels([u.uid for u in val_u], 1.0)[0])
+    if val_u and not readable_val:
+        log(f"warning: fold {fold.name}: the validation speaker(s) {', '.join(fold.val)} have no readable audio; "
+            "this fold-run trains without model selection (last epoch)")
+    val_u = [u for u in val_u if u.uid in readable_val]
+    model, info = train_model(bank, train_u, val_u, cfg, device, job.seed, log, progress)
+    res = evaluate_model(model, bank, test_u, device, cfg.amp)
+    small = compact_copy(model)
+    compact = evaluate_model(small, bank, test_u, device, cfg.amp)
+    # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 inference
+    deployed = (evaluate_model(quantize_for_cpu(small), bank, test_u, device, False)
+                if device.type == "cpu" and cfg.arch == "dcnn_blstmwa" else None)
+    rec = {"fold": fold.name, "run": job.run, "seed": job.seed, "test": list(fold.test), "val": list(fold.val),
+           "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
+           "compact_uar": compact["uar"], "compact_wa": compact["wa"],
+           "int8_uar": deployed["uar"] if deployed else None,
+           "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"], "probs": res["probs"]},
+           "train_info": info, "seconds": time.time() - t0, "config_fingerprint": fingerprint}
+    log(f"fold {fold.name} run {job.run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} "
+        f"(int8 compact: UAR {compact['uar']:.4f}"
+        + (f"; int8 inference: UAR {deployed['uar']:.4f}" if deployed else "") + f") ({rec['seconds']:.0f} s)")
+    return rec
+
+
+def _error_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
+
+
 def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.device, cache_dir: Path | None,
-                 command: str = "", only_folds: list[str] | None = None, log=print, progress=None) -> dict:
-    """Train and test every fold x run; write ``results.json`` (and per fold-run files). Resumable."""
+                 command: str = "", only_folds: list[str] | None = None, log=print, progress=None,
+                 executor=None) -> dict:
+    """Train and test every fold x run; write ``results.json`` (and one file per fold-run as it finishes).
+
+    Resumable: a fold-run whose file exists is not recomputed. ``executor`` (an
+    :class:`offline.cluster.RayExecutor`) runs the missing fold-runs as Ray tasks instead of one after
+    another here; the records are the same. A fold-run that fails (after the executor's retry) is
+    reported in ``results.json["failed"]`` with its error and left out of the summary, never silently.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = corpus.first_per_speaker(cfg.max_per_speaker)
     folds = make_folds(corpus)
@@ -128,59 +197,63 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
         folds = [f for f in folds if f.name in only_folds]
     fingerprint = config_fingerprint(cfg)
     bank = FeatureBank(corpus, cfg.frontend_config(), cache_dir, device, log, progress)
-    by_spk: dict[str, list] = {}
-    for u in corpus.utterances:
-        by_spk.setdefault(u.speaker, []).append(u)
     t_start = time.time()
-    fold_runs = []
-    outer = progress.add_task("folds x runs", total=len(folds) * cfg.runs) if progress else None
-    for fi, fold in enumerate(folds):
-        for run in range(cfg.runs):
-            path = out_dir / "folds" / f"{fold.name}_run{run}.json"
-            seed = cfg.seed + 1000 * run + fi
-            if path.is_file():
-                prev = load_fold_run(path, fold.name, run, seed, fingerprint, log)
-                if prev is not None:
-                    fold_runs.append(prev)
-                    log(f"fold {fold.name} run {run}: done before (UAR {prev['uar']:.4f}), not recomputed")
-                    if outer is not None:
-                        progress.advance(outer)
-                    continue
-            log(f"fold {fold.name} run {run} (seed {seed}): test {list(fold.test)} val {list(fold.val)} "
-                f"train {list(fold.train)}")
-            t0 = time.time()
-            train_u = [u for s in fold.train for u in by_spk[s]]
-            val_u = [u for s in fold.val for u in by_spk[s]]
-            test_u = [u for s in fold.test for u in by_spk[s]]
-            model, info = train_model(bank, train_u, val_u, cfg, device, seed, log, progress)
-            res = evaluate_model(model, bank, test_u, device, cfg.amp)
-            small = compact_copy(model)
-            compact = evaluate_model(small, bank, test_u, device, cfg.amp)
-            # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 inference
-            deployed = (evaluate_model(quantize_for_cpu(small), bank, test_u, device, False)
-                        if device.type == "cpu" and cfg.arch == "dcnn_blstmwa" else None)
-            rec = {"fold": fold.name, "run": run, "seed": seed, "test": list(fold.test), "val": list(fold.val),
-                   "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
-                   "compact_uar": compact["uar"], "compact_wa": compact["wa"],
-                   "int8_uar": deployed["uar"] if deployed else None,
-                   "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"]},
-                   "train_info": info, "seconds": time.time() - t0, "config_fingerprint": fingerprint}
-            save_json(path, rec)
-            fold_runs.append(rec)
-            log(f"fold {fold.name} run {run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} "
-                f"(int8 compact: UAR {compact['uar']:.4f}"
-                + (f"; int8 inference: UAR {deployed['uar']:.4f}" if deployed else "") + f") ({rec['seconds']:.0f} s)")
+    jobs = plan_fold_runs(folds, cfg)
+    done: dict[int, dict] = {}
+    failed: list[dict] = []
+    outer = progress.add_task("folds x runs", total=len(jobs)) if progress else None
+    todo = []
+    for job in jobs:
+        path = out_dir / "folds" / f"{job.name}.json"
+        prev = load_fold_run(path, job.fold.name, job.run, job.seed, fingerprint, log) if path.is_file() else None
+        if prev is not None:
+            done[job.index] = prev
+            log(f"fold {job.fold.name} run {job.run}: done before (UAR {prev['uar']:.4f}), not recomputed")
             if outer is not None:
                 progress.advance(outer)
+        else:
+            todo.append(job)
+
+    def finished(job: FoldRun, rec: dict | None, error: str | None) -> None:
+        if rec is not None:
+            save_json(out_dir / "folds" / f"{job.name}.json", rec)  # what a resumed run picks up
+            done[job.index] = rec
+        else:
+            failed.append({"fold": job.fold.name, "run": job.run, "seed": job.seed, "error": error})
+            log(f"fold {job.fold.name} run {job.run}: FAILED: {error}")
+        if outer is not None:
+            progress.advance(outer)
+
+    if executor is not None and todo:
+        for speed in cfg.speeds:  # fill the shared feature cache once, before the workers read it
+            bank.log_mels([u.uid for u in corpus.utterances], speed)
+        for job, rec, error in executor.run(corpus, cfg, cache_dir, fingerprint, todo, log):
+            finished(job, rec, error)
+    else:
+        for job in todo:
+            log(f"fold {job.fold.name} run {job.run} (seed {job.seed}): test {list(job.fold.test)} "
+                f"val {list(job.fold.val)} train {list(job.fold.train)}")
+            try:
+                rec = fold_run_record(corpus, cfg, bank, job, device, fingerprint, log, progress)
+            except (ValueError, RuntimeError) as e:  # one broken fold-run is reported, the others still run
+                import traceback
+                log(traceback.format_exc())
+                finished(job, None, _error_line(e))
+            else:
+                finished(job, rec, None)
+    fold_runs = [done[i] for i in sorted(done)]
     results = {
         "corpus": corpus.name, "labels": list(corpus.labels), "command": command, "preset": cfg.preset,
         "config": cfg.to_dict(), "frontend": cfg.frontend_config().to_dict(), "machine": machine_info(device),
         "folds": [dict(f.__dict__) for f in folds], "fold_runs": fold_runs,
+        "failed": sorted(failed, key=lambda f: (f["fold"], f["run"])),
         "bad_files": dict(bank.bad), "n_bad_files": len({k for k in bank.bad if "/" in k}),
         "wall_seconds_this_session": time.time() - t_start,
         "compute_seconds": sum(r["seconds"] for r in fold_runs),
-        "summary": summarize(fold_runs, corpus.labels),
+        "summary": summarize(fold_runs, corpus.labels) if fold_runs else {},
     }
+    if executor is not None:
+        results["executor"] = executor.describe()
     if (out_dir / "pretrain.json").is_file():  # the CNN pre-training this run started from (ser-offline --pretrain)
         results["pretrain"] = json.loads((out_dir / "pretrain.json").read_text())
     save_json(out_dir / "results.json", results)

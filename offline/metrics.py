@@ -61,7 +61,11 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
     int8 = [(r["int8_uar"], r["uar"]) for r in fold_runs if r.get("int8_uar") is not None]
     m, s = mean_std(fold_uar.values())
     rec = recall_per_class(pooled)
+    ens = ensemble_fold_uar(fold_runs, K)
+    em, es = mean_std(ens.values()) if ens else (None, None)
     return {
+        # the runs of a fold as one model (their test probabilities averaged); only with >= 2 runs per fold
+        "ensemble_fold_uar": ens or None, "ensemble_uar_mean": em, "ensemble_uar_std": es,
         "uar_mean": m, "uar_std": s, "fold_uar": fold_uar,
         "pooled_uar": uar(pooled), "pooled_wa": wa(pooled),
         "recall": {lab: (None if math.isnan(x) else float(x)) for lab, x in zip(labels, rec)},
@@ -73,3 +77,26 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         "int8_max_abs_diff": float(max(abs(a - b) for a, b in int8)) if len(int8) == len(fold_runs) and int8 else None,
         "uar_run_mean": float(np.mean([r["uar"] for r in fold_runs])) if fold_runs else float("nan"),
     }
+
+
+def ensemble_fold_uar(fold_runs: list[dict], n_classes: int) -> dict[str, float]:
+    """Per fold with at least two runs that kept their test probabilities: the UAR of the mean of the runs'
+    probabilities (each utterance by id). {} when no fold qualifies."""
+    by_fold: dict[str, list[dict]] = {}
+    for r in fold_runs:
+        by_fold.setdefault(r["fold"], []).append(r)
+    out = {}
+    for fold, runs in sorted(by_fold.items()):
+        if len(runs) < 2 or not all("probs" in r.get("predictions", {}) for r in runs):
+            continue
+        acc: dict[str, np.ndarray] = {}
+        truth: dict[str, int] = {}
+        for r in runs:
+            p = r["predictions"]
+            for uid, t, pr in zip(p["uids"], p["true"], p["probs"]):
+                acc[uid] = acc.get(uid, 0) + np.asarray(pr, dtype=np.float64)
+                truth[uid] = t
+        uids = sorted(acc)
+        cm = confusion_matrix([truth[u] for u in uids], [int(np.argmax(acc[u])) for u in uids], n_classes)
+        out[fold] = uar(cm)
+    return out

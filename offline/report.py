@@ -79,6 +79,16 @@ def render_markdown(results: dict) -> str:
              f"report ({results['preset']} preset)", ""]
     if results.get("command"):
         lines += ["Command:", "", f"```\n{results['command']}\n```", ""]
+    failed = results.get("failed") or []
+    if failed:  # never a silently missing fold: the figures below are over the fold-runs that finished
+        lines += [f"**{len(failed)} fold-run(s) FAILED** and are left out of every figure below "
+                  "(rerun the same command to retry them):", ""]
+        lines += [f"- fold {f['fold']} run {f['run']} (seed {f['seed']}): {f['error']}" for f in failed] + [""]
+    if not s:
+        return "\n".join(lines + ["No fold-run finished: there is no result.", ""])
+    if results.get("executor"):
+        e = results["executor"]
+        lines += [f"Fold-runs ran as Ray tasks: {e.get('summary', e)}.", ""]
     lines += [f"Machine: {m.get('cpu')} ({m.get('cores')} cores), device `{m.get('device')}`"
               + (f" ({m['gpu']})" if m.get("gpu") else "") + f", torch {m.get('torch')}, Python {m.get('python')}.",
               f"Compute time: {results['compute_seconds'] / 60:.1f} min over {s['n_fold_runs']} fold-runs "
@@ -105,6 +115,9 @@ def render_markdown(results: dict) -> str:
     lines += [f"| UAR, mean ± std over folds (%) | **{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}** | {ref_txt} |",
               f"| pooled UAR (%) | {100 * s['pooled_uar']:.2f} | – |",
               f"| pooled WA (%) | {100 * s['pooled_wa']:.2f} | – |"]
+    if s.get("ensemble_uar_mean") is not None:
+        lines.append(f"| UAR of each fold's {cfg['runs']} runs as one ensemble (mean probabilities), mean ± std "
+                     f"over folds (%) | {100 * s['ensemble_uar_mean']:.2f} ± {100 * s['ensemble_uar_std']:.2f} | – |")
     if s.get("compact_uar_mean") is not None:
         lines.append(f"| UAR of the int8 compact models, mean over fold-runs (%) | {100 * s['compact_uar_mean']:.2f} "
                      f"(full precision: {100 * s['uar_run_mean']:.2f}) | – |")
@@ -147,9 +160,10 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
     s = results["summary"]
-    title = (f"{results['corpus']} {results['preset']}: UAR {100 * s['uar_mean']:.1f} ± {100 * s['uar_std']:.1f} %"
-             f" (pooled {100 * s['pooled_uar']:.1f} %)")
-    plot_confusion(np.asarray(s["confusion"]), results["labels"], run_dir / "confusion.png", title)
+    if s:
+        title = (f"{results['corpus']} {results['preset']}: UAR {100 * s['uar_mean']:.1f} ± "
+                 f"{100 * s['uar_std']:.1f} % (pooled {100 * s['pooled_uar']:.1f} %)")
+        plot_confusion(np.asarray(s["confusion"]), results["labels"], run_dir / "confusion.png", title)
     out = run_dir / "report.md"
     out.write_text(render_markdown(results))
     return out
@@ -164,7 +178,11 @@ def compare(run_dirs: list[str | Path]) -> str:
     for d, r in zip(run_dirs, rows):
         s = r["summary"]
         ref = paper_reference(r["corpus"], r["config"])
-        out.append("| " + " | ".join([Path(d).name] + [str(r["config"].get(k)) for k in keys] + [
-            f"{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}", f"{100 * s['pooled_uar']:.2f}",
-            f"{100 * s['pooled_wa']:.2f}", f"{ref[1][0]:.2f} ({ref[0]})" if ref else "–"]) + " |")
+        n_failed = len(r.get("failed") or [])
+        figures = ([f"{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}"
+                    + (f" ({n_failed} fold-runs FAILED)" if n_failed else ""),
+                    f"{100 * s['pooled_uar']:.2f}", f"{100 * s['pooled_wa']:.2f}"] if s
+                   else [f"no result ({n_failed} fold-runs FAILED)", "–", "–"])
+        out.append("| " + " | ".join([Path(d).name] + [str(r["config"].get(k)) for k in keys] + figures
+                                     + [f"{ref[1][0]:.2f} ({ref[0]})" if ref else "–"]) + " |")
     return "\n".join(out) + "\n"

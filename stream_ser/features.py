@@ -65,12 +65,55 @@ class Frontend(nn.Module):
         if wave.shape[-1] < cfg.win_length:
             return wave.new_zeros(wave.shape[0], cfg.n_mels, 0)
         frames = wave.unfold(-1, cfg.win_length, cfg.hop_length)  # [B, T, win]
+        return self._log_mel_frames(frames).transpose(1, 2)
+
+    def _log_mel_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """[..., win] raw frames -> [..., M] log-Mel (pre-emphasis inside each frame, window, FFT, Mel, log)."""
+        cfg = self.config
         if cfg.preemphasis:
             frames = AF.preemphasis(frames, cfg.preemphasis)  # per frame, on the last dim
-        spec = torch.fft.rfft(frames * self.window, n=cfg.n_fft)  # [B, T, F]
+        spec = torch.fft.rfft(frames * self.window, n=cfg.n_fft)  # [..., F]
         power = spec.real.square() + spec.imag.square()
-        mel = power @ self.mel_fb  # [B, T, M]
-        return mel.clamp_min(cfg.log_floor).log().transpose(1, 2)
+        return (power @ self.mel_fb).clamp_min(cfg.log_floor).log()  # [..., M]
+
+    def segments_many(self, waves, stats=None) -> list[torch.Tensor]:
+        """Whole files of any lengths at once: a list of [N_i] -> a list of segments [S_i, C, M, L], each
+        equal to ``segments(wave)[0]``. The frames of every file go through one FFT and one filterbank
+        product, and the segments of every file through one delta and one normalisation call, so a corpus
+        costs a few large operations instead of a few small ones per file. ``stats`` as in :meth:`normalize`
+        (one speaker's, shared by all the files)."""
+        cfg = self.config
+        frames, counts = [], []
+        for w in waves:
+            w = w.reshape(-1).to(self.window)
+            n = 1 + (w.numel() - cfg.win_length) // cfg.hop_length if w.numel() >= cfg.win_length else 0
+            counts.append(n)
+            if n:
+                frames.append(w.unfold(0, cfg.win_length, cfg.hop_length))
+        if not frames:
+            return [self.window.new_zeros(0, cfg.channels, cfg.n_mels, cfg.segment_frames) for _ in counts]
+        log_mel = self._log_mel_frames(torch.cat(frames))  # [sum T_i, M]
+        statics, n_segs = [], []
+        for lm in log_mel.split(counts):
+            S = cfg.segments_for_frames(lm.shape[0])
+            n_segs.append(S)
+            if S:
+                statics.append(lm.T.unfold(-1, cfg.segment_frames, cfg.segment_shift).transpose(0, 1))  # [S, M, L]
+        if not statics:
+            return [self.window.new_zeros(0, cfg.channels, cfg.n_mels, cfg.segment_frames) for _ in counts]
+        raw = self._with_deltas(torch.cat(statics))  # [sum S_i, C, M, L]
+        return list(self.normalize(raw, stats).split(n_segs))
+
+    def _with_deltas(self, static: torch.Tensor) -> torch.Tensor:
+        """[..., M, L] static segments -> [..., C, M, L] with delta and delta-delta inside each segment."""
+        cfg = self.config
+        chans = [static]
+        win = 2 * cfg.delta_n + 1
+        if cfg.channels >= 2:
+            chans.append(AF.compute_deltas(static, win_length=win, mode="replicate"))
+        if cfg.channels >= 3:
+            chans.append(AF.compute_deltas(chans[1], win_length=win, mode="replicate"))
+        return torch.stack(chans, dim=-3)
 
     # --- segments ----------------------------------------------------------------
     def raw_segments_from_log_mel(self, log_mel: torch.Tensor) -> torch.Tensor:
@@ -81,14 +124,7 @@ class Frontend(nn.Module):
         if S == 0:
             return log_mel.new_zeros(B, 0, cfg.channels, M, cfg.segment_frames)
         static = log_mel.unfold(-1, cfg.segment_frames, cfg.segment_shift)  # [B, M, S, L]
-        static = static.permute(0, 2, 1, 3)  # [B, S, M, L]
-        chans = [static]
-        win = 2 * cfg.delta_n + 1
-        if cfg.channels >= 2:
-            chans.append(AF.compute_deltas(static, win_length=win, mode="replicate"))
-        if cfg.channels >= 3:
-            chans.append(AF.compute_deltas(chans[1], win_length=win, mode="replicate"))
-        return torch.stack(chans, dim=2)
+        return self._with_deltas(static.permute(0, 2, 1, 3))  # [B, S, C, M, L]
 
     def segments_from_log_mel(self, log_mel: torch.Tensor, stats=None) -> torch.Tensor:
         """[B, M, T] -> normalised segments [B, S, C, M, L]; ``stats`` as in :meth:`normalize`."""

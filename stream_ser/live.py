@@ -22,70 +22,33 @@ import numpy as np
 
 from .capture import POLL_S
 from .engine import MultiStreamEngine
-from .server import Broadcaster, Client, ProducerLimits
+from .server import Broadcaster, Client, FlowControl, ProducerLimits
 
 STATUS_EVERY_S = 1.0
 LATENCY_WINDOW = 200  # predictions in the latency percentiles
 LOCAL = "local"  # stream id of the microphone / file source
 
 
-class LiveApp:
-    """The running recognizer. ``source`` may be None when only websocket producers send audio.
+class ProducerStreams:
+    """Websocket producers as engine streams: one stream per producer, its audio resampled to the model's
+    rate (python-soxr, streaming) and fed in; removed when the producer goes. Called on the loop thread."""
 
-    All streams (the local source and any producers) go through one
-    :class:`MultiStreamEngine`, so their segments and heads are batched together.
-    """
-
-    def __init__(self, model, source, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 dashboard: bool = True, log_lines: bool = False, wait_for_subscriber: bool = False,
-                 queue_size: int = 256, producers: bool = False, limits: ProducerLimits | None = None,
-                 out=None, console=None, adapt: bool = True, enroll=None, vad: bool = True):
-        if model.frontend_config.normalization == "utterance":
-            raise ValueError("this model normalises whole utterances (the paper's preprocessing) and cannot "
-                             "stream; retrain it with --normalization speaker, segment or corpus")
-        self.model = model
-        self.source = source
-        self.engine = MultiStreamEngine(model)
+    def __init__(self, engine: MultiStreamEngine, sample_rate: int, adapt: bool, vad: bool):
+        self.engine = engine
+        self.sample_rate = sample_rate
         self.adapt = adapt
         self.vad = vad
-        self.recognizer = self.engine.add_stream(LOCAL, adapt=adapt, vad=vad) if source is not None else None
-        if enroll is not None and self.recognizer is not None:
-            self.recognizer.enroll(enroll)
-        self.dashboard_on = dashboard
-        self.log_lines = log_lines
-        self.wait_for_subscriber = wait_for_subscriber
-        self.out = out or sys.stdout
-        self.console = console
-        cfg = model.frontend_config
-        self.broadcaster = Broadcaster(self._hello, host, port, token, queue_size,
-                                       on_producer=self._on_producer if producers else None,
-                                       on_audio=self._on_audio, on_disconnect=self._on_disconnect, limits=limits,
-                                       streams=lambda: list(self.engine.streams))
-        ad = self.recognizer.segmenter.adaptation_info() if self.recognizer is not None else None
-        if ad is None and cfg.normalization == "speaker":
-            ad = {"on": adapt, "enrolled": False, "speech_s": 0.0}
-        self.hello_msg = P.hello(list(model.labels), model.describe(), cfg.to_dict(), cfg.hop_s, cfg.utterance_s,
-                                 streams=[LOCAL] if source is not None else [], server=f"stream_ser {__version__}",
-                                 adaptation=ad)
-        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._resamplers: dict[str, object] = {}
-        self._stop = threading.Event()
-        self._t0 = time.monotonic()
-        self._dash = None
-        self.error: BaseException | None = None
-        self.bad_outputs = 0
 
-    # --- producers (loop thread) ------------------------------------------------------
-    def _on_producer(self, client: Client, rate: int) -> str:
+    def add(self, client: Client, rate: int) -> str:
         sid = f"p{client.id}"
         self.engine.add_stream(sid, adapt=self.adapt, vad=self.vad)
-        if rate != self.model.frontend_config.sample_rate:
+        if rate != self.sample_rate:
             import soxr
-            self._resamplers[sid] = soxr.ResampleStream(rate, self.model.frontend_config.sample_rate, 1,
-                                                        dtype="float32")
+            self._resamplers[sid] = soxr.ResampleStream(rate, self.sample_rate, 1, dtype="float32")
         return sid
 
-    def _on_audio(self, client: Client, data: bytes) -> None:
+    def audio(self, client: Client, data: bytes) -> None:
         sid = client.producer.stream_id
         x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
         rs = self._resamplers.get(sid)
@@ -93,41 +56,25 @@ class LiveApp:
             x = rs.resample_chunk(x)
         self.engine.feed(sid, x)
 
-    def _on_disconnect(self, client: Client) -> None:
+    def remove(self, client: Client) -> None:
         if client.producer is not None:
             self.engine.remove_stream(client.producer.stream_id)
             self._resamplers.pop(client.producer.stream_id, None)
 
-    def _hello(self) -> dict:
-        return self.hello_msg
 
-    # --- worker thread --------------------------------------------------------------
-    def _work(self, loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
-        try:
-            while not self._stop.is_set():
-                got = self.source.read() if self.source is not None else None
-                if got is not None:
-                    self.engine.feed(LOCAL, got[0], got[1])
-                preds = self.engine.step()
-                for p in preds:
-                    loop.call_soon_threadsafe(self._on_prediction, p.to_dict())
-                if got is None and not preds:
-                    if self.source is not None and self.source.finished and not self.engine.pending():
-                        # the end of the source: a final window for the audio after the last segment
-                        n = self.recognizer.flush_samples()
-                        if n:
-                            self.engine.feed(LOCAL, np.zeros(n, np.float32))
-                            for p in self.engine.step():
-                                loop.call_soon_threadsafe(self._on_prediction, p.to_dict())
-                        break
-                    time.sleep(POLL_S)
-        except BaseException as e:  # surfaced by run(); the loop must still end
-            self.error = e
-        finally:
-            loop.call_soon_threadsafe(done.set)
+class PredictionOutput:
+    """Where each prediction goes (loop thread): subscribers, the dashboard, optional log lines, the latency
+    window. Non-finite outputs are never serialised: they are counted and reported as ``bad_output``."""
 
-    # --- loop thread ----------------------------------------------------------------
-    def _on_prediction(self, pred: dict) -> None:
+    def __init__(self, broadcaster: Broadcaster, out, log_lines: bool):
+        self.broadcaster = broadcaster
+        self.out = out
+        self.log_lines = log_lines
+        self.dashboard = None
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.bad_outputs = 0
+
+    def __call__(self, pred: dict) -> None:
         if not all(math.isfinite(v) for v in pred["probabilities"].values()):
             # a broken model (NaN weights) or input it cannot handle: never serialise NaN, say so instead
             self.bad_outputs += 1
@@ -141,26 +88,126 @@ class LiveApp:
         self.latencies.append(pred["timings_ms"]["total"])
         msg = P.prediction(pred)
         self.broadcaster.publish(msg, pred.get("stream"))
-        if self._dash is not None:
-            self._dash.update(msg)
+        if self.dashboard is not None:
+            self.dashboard.update(msg)
         if self.log_lines:
-            t = pred["timings_ms"]
-            print(f"#{pred['seq']:<5d} {pred['window_start_s']:7.2f}-{pred['window_end_s']:7.2f} s  "
-                  + (f"{pred['label']:<10s} {100 * pred['confidence']:5.1f}%" if pred["speech"] else f"{'(no speech)':<17s}")
-                  + f"  speech {100 * pred['speech_activity']:3.0f}%"
-                  f"  latency {t['total']:6.1f} ms (front-end {t['frontend']:.1f}, CNN {t['embed']:.1f}, "
-                  f"head {t['head']:.1f})" + (f"  speaker stats {pred['adaptation']['speech_s']:.1f} s"
-                                             if pred.get("adaptation") else ""), file=self.out, flush=True)
+            print(self.line(pred), file=self.out, flush=True)
+
+    @staticmethod
+    def line(pred: dict) -> str:
+        t = pred["timings_ms"]
+        return (f"#{pred['seq']:<5d} {pred['window_start_s']:7.2f}-{pred['window_end_s']:7.2f} s  "
+                + (f"{pred['label']:<10s} {100 * pred['confidence']:5.1f}%" if pred["speech"] else f"{'(no speech)':<17s}")
+                + f"  speech {100 * pred['speech_activity']:3.0f}%"
+                f"  latency {t['total']:6.1f} ms (front-end {t['frontend']:.1f}, CNN {t['embed']:.1f}, "
+                f"head {t['head']:.1f})" + (f"  speaker stats {pred['adaptation']['speech_s']:.1f} s"
+                                           if pred.get("adaptation") else ""))
+
+
+class RecognizerWorker:
+    """The recognizer thread: reads the local source, steps the engine (all streams batched), hands each
+    prediction to ``emit`` on the loop thread, and flushes a final window when the source ends.
+    torch releases the GIL, so the loop that serves the websocket stays responsive."""
+
+    def __init__(self, engine: MultiStreamEngine, source, recognizer):
+        self.engine = engine
+        self.source = source
+        self.recognizer = recognizer
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, emit, done: asyncio.Event) -> None:
+        self._thread = threading.Thread(target=self._run, args=(loop, emit, done), name="recognizer", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self, loop: asyncio.AbstractEventLoop, emit, done: asyncio.Event) -> None:
+        def hand_on(preds):
+            for p in preds:
+                loop.call_soon_threadsafe(emit, p.to_dict())
+
+        try:
+            while not self.stop.is_set():
+                got = self.source.read() if self.source is not None else None
+                if got is not None:
+                    self.engine.feed(LOCAL, got[0], got[1])
+                preds = self.engine.step()
+                hand_on(preds)
+                if got is None and not preds:
+                    if self.source is not None and self.source.finished and not self.engine.pending():
+                        # the end of the source: a final window for the audio after the last segment
+                        n = self.recognizer.flush_samples()
+                        if n:
+                            self.engine.feed(LOCAL, np.zeros(n, np.float32))
+                            hand_on(self.engine.step())
+                        break
+                    time.sleep(POLL_S)
+        except BaseException as e:  # surfaced by LiveApp.run(); the loop must still end
+            self.error = e
+        finally:
+            loop.call_soon_threadsafe(done.set)
+
+
+class LiveApp:
+    """The running recognizer: wires a source and websocket producers (:class:`ProducerStreams`) into one
+    :class:`MultiStreamEngine` (their segments and heads are batched together), runs it in a
+    :class:`RecognizerWorker`, and sends what it predicts through :class:`PredictionOutput`.
+    ``source`` may be None when only websocket producers send audio."""
+
+    def __init__(self, model, source, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+                 dashboard: bool = True, log_lines: bool = False, wait_for_subscriber: bool = False,
+                 queue_size: int = 256, producers: bool = False, limits: ProducerLimits | None = None,
+                 out=None, console=None, adapt: bool = True, enroll=None, vad: bool = True):
+        if model.frontend_config.normalization == "utterance":
+            raise ValueError("this model normalises whole utterances (the paper's preprocessing) and cannot "
+                             "stream; retrain it with --normalization speaker, segment or corpus")
+        self.model = model
+        self.source = source
+        self.engine = MultiStreamEngine(model)
+        self.recognizer = self.engine.add_stream(LOCAL, adapt=adapt, vad=vad) if source is not None else None
+        if enroll is not None and self.recognizer is not None:
+            self.recognizer.enroll(enroll)
+        self.dashboard_on = dashboard
+        self.wait_for_subscriber = wait_for_subscriber
+        self.out = out or sys.stdout
+        self.console = console
+        cfg = model.frontend_config
+        self.producers = ProducerStreams(self.engine, cfg.sample_rate, adapt, vad)
+        self.broadcaster = Broadcaster(self._hello, host, port, token, FlowControl(queue_size=queue_size),
+                                       on_producer=self.producers.add if producers else None,
+                                       on_audio=self.producers.audio, on_disconnect=self.producers.remove,
+                                       limits=limits, streams=lambda: list(self.engine.streams))
+        self.output = PredictionOutput(self.broadcaster, self.out, log_lines)
+        self.worker = RecognizerWorker(self.engine, source, self.recognizer)
+        ad = self.recognizer.segmenter.adaptation_info() if self.recognizer is not None else None
+        if ad is None and cfg.normalization == "speaker":
+            ad = {"on": adapt, "enrolled": False, "speech_s": 0.0}
+        self.hello_msg = P.hello(list(model.labels), model.describe(), cfg.to_dict(), cfg.hop_s, cfg.utterance_s,
+                                 streams=[LOCAL] if source is not None else [], server=f"stream_ser {__version__}",
+                                 adaptation=ad)
+        self._t0 = time.monotonic()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.worker.error
+
+    def _hello(self) -> dict:
+        return self.hello_msg
 
     def status_message(self) -> dict:
         src = self.source.stats() if self.source is not None else {}
         return P.status(overruns=src.get("overruns", 0), lost_samples=src.get("lost_samples", 0),
                         dropped_total=self.broadcaster.dropped_total, subscribers=len(self.broadcaster.clients),
-                        latency_ms=P.percentiles(self.latencies),
+                        latency_ms=P.percentiles(self.output.latencies),
                         source=self.source.name if self.source is not None else "websocket producers",
                         uptime_s=time.monotonic() - self._t0, streams=len(self.engine.streams),
                         counters=self.recognizer.counters if self.recognizer else {},
-                        portaudio_status=src.get("portaudio_status", {}), bad_outputs=self.bad_outputs,
+                        portaudio_status=src.get("portaudio_status", {}), bad_outputs=self.output.bad_outputs,
                         slow_closed=self.broadcaster.slow_closed)
 
     async def _status_loop(self) -> None:
@@ -168,8 +215,8 @@ class LiveApp:
             await asyncio.sleep(STATUS_EVERY_S)
             msg = self.status_message()
             self.broadcaster.publish_status(msg)
-            if self._dash is not None:
-                self._dash.update(msg)
+            if self.output.dashboard is not None:
+                self.output.dashboard.update(msg)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -193,33 +240,33 @@ class LiveApp:
             if stop.is_set():
                 await self.broadcaster.close("stopped")
                 return 0
+        dash = None
         if self.dashboard_on:
             from .dashboard import LiveDashboard
-            self._dash = LiveDashboard(self.console, self.broadcaster.url).__enter__()
-            self._dash.update(self.hello_msg)
+            dash = self.output.dashboard = LiveDashboard(self.console, self.broadcaster.url).__enter__()
+            dash.update(self.hello_msg)
         done = asyncio.Event()
         if self.source is not None:
             self.source.start()
-        worker = threading.Thread(target=self._work, args=(loop, done), name="recognizer", daemon=True)
-        worker.start()
+        self.worker.start(loop, self.output, done)
         status_task = asyncio.create_task(self._status_loop())
         waiters = {asyncio.create_task(done.wait()), asyncio.create_task(stop.wait())}
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
         interrupted = stop.is_set()
-        self._stop.set()
+        self.worker.stop.set()
         if self.source is not None:
             self.source.stop()
-        await asyncio.get_running_loop().run_in_executor(None, worker.join, 5)
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.join, 5)
         status_task.cancel()
         final = self.status_message()
         self.broadcaster.publish_status(final)
         reason = "stopped" if interrupted else ("error" if self.error else "source ended")
-        if self._dash is not None:
-            self._dash.update(final)
-            self._dash.update(P.end(reason))
-            self._dash.__exit__(None, None, None)
+        if dash is not None:
+            dash.update(final)
+            dash.update(P.end(reason))
+            dash.__exit__(None, None, None)
         await self.broadcaster.close(reason)
         c = final["counters"] or {"predictions": 0, "segments_seen": 0, "segments_embedded": 0}
         print(f"{reason}: {c['predictions']} predictions, {c['segments_seen']} segments, "

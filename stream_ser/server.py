@@ -28,6 +28,7 @@ import logging
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Collection
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,6 +45,24 @@ MAX_LAG_S = 5.0  # a queued prediction older than this is dropped (counted) inst
 SLOW_CLOSE_S = 5.0  # a flow-control ping unanswered this long closes the subscriber (4408)
 SEND_BUFFER_BYTES = 64 * 1024  # kernel send buffer per connection (SO_SNDBUF)
 MAX_TEXT_BYTES = 1 << 16  # largest text message a client may send
+
+
+@dataclass(frozen=True)
+class FlowControl:
+    """How much a subscriber may lag before messages are dropped or it is closed (``docs/reliability.md``)."""
+
+    queue_size: int = 256  # queued messages per subscriber; beyond it the oldest is dropped
+    ack_every: int = ACK_EVERY
+    ack_window: int = ACK_WINDOW
+    max_lag_s: float = MAX_LAG_S
+    slow_close_s: float = SLOW_CLOSE_S
+    send_buffer_bytes: int | None = SEND_BUFFER_BYTES
+
+    def __post_init__(self):
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1, got {self.queue_size}")
+        if self.ack_every < 1 or self.ack_window < 1:
+            raise ValueError("ack_every and ack_window must be at least 1")
 
 
 class Client:
@@ -115,43 +134,144 @@ class ProducerState:
         self.frames = 0
 
 
+class Sender:
+    """Drains one subscriber's queue: stale predictions dropped, status personalised, sends paced by pongs,
+    a subscriber that stops acknowledging closed with 4408. ``hub`` keeps the server-wide counters."""
+
+    def __init__(self, c: Client, flow: FlowControl, hub: "Broadcaster"):
+        self.c = c
+        self.flow = flow
+        self.hub = hub
+
+    async def run(self) -> None:
+        c, flow = self.c, self.flow
+        pongs: deque[Awaitable[float]] = deque()
+        since_ping = 0
+        try:
+            while True:
+                await c.wake.wait()
+                c.wake.clear()
+                while c.queue:
+                    while len(pongs) >= flow.ack_window:  # the client is behind: wait for it (queue keeps filling)
+                        try:
+                            await asyncio.wait_for(pongs.popleft(), flow.slow_close_s)
+                        except asyncio.TimeoutError:
+                            return await self.close_slow()
+                    t, item = c.queue.popleft()
+                    age = time.monotonic() - t
+                    if isinstance(item, dict):  # status: tell this subscriber what it lost
+                        item = P.encode({**item, "dropped": c.dropped, "subscribers": len(self.hub.clients),
+                                         "dropped_total": self.hub.dropped_total})
+                    elif age > flow.max_lag_s:
+                        c.dropped += 1
+                        self.hub.dropped_total += 1
+                        c.pending -= 1
+                        continue
+                    else:
+                        c.max_lag_s = max(c.max_lag_s, age)
+                    try:  # send() writes the whole frame, then waits while the socket buffers are full
+                        await asyncio.wait_for(c.ws.send(item), flow.slow_close_s)
+                    except asyncio.TimeoutError:
+                        return await self.close_slow()
+                    c.pending -= 1
+                    c.sent += 1
+                    since_ping += 1
+                    if since_ping >= flow.ack_every:
+                        since_ping = 0
+                        pongs.append(await c.ws.ping())
+        except ConnectionClosed:
+            pass
+
+    async def close_slow(self) -> None:
+        c = self.c
+        self.hub.slow_closed += 1
+        log.warning("subscriber %s closed: no acknowledgement for %.0f s (%d messages dropped)",
+                    c.id, self.flow.slow_close_s, c.dropped)
+        try:  # the close frame may not get through a full socket: then the TCP connection is aborted
+            await asyncio.wait_for(c.ws.close(P.CLOSE_SLOW_CONSUMER, f"slow_consumer: nothing acknowledged for "
+                                              f"{self.flow.slow_close_s:.0f} s; {c.dropped} dropped"), 3.0)
+        except asyncio.TimeoutError:
+            pass
+        c.ws.transport.abort()
+
+
+class ProducerGate:
+    """Admits producers and their audio: the ``audio`` header's rate, frame sizes, the real-time pace.
+    ``on_producer(client, rate) -> stream id`` and ``on_audio(client, pcm16 bytes)`` are the app's callbacks.
+    ``bad(client, code, text)`` replies with an error; ``limit(client, code, text)`` also closes (4429)."""
+
+    def __init__(self, limits: ProducerLimits, on_producer: Callable[[Client, int], str] | None,
+                 on_audio: Callable[[Client, bytes], Any] | None, bad: Callable[[Client, str, str], None],
+                 limit: Callable[[Client, str, str], Awaitable[None]]):
+        self.limits = limits
+        self.on_producer = on_producer
+        self.on_audio = on_audio
+        self.bad = bad
+        self.limit = limit
+
+    def start(self, c: Client, rate) -> str | None:
+        """The new stream's id, or None (an error was sent) when the header is refused."""
+        lim = self.limits
+        if self.on_producer is None:
+            self.bad(c, "not_allowed", "this server does not take audio from clients (start it with --producers)")
+            return None
+        if isinstance(rate, bool) or not isinstance(rate, int) or not lim.min_rate <= rate <= lim.max_rate:
+            self.bad(c, "bad_audio", f"rate must be an integer in {lim.min_rate}..{lim.max_rate} Hz, "
+                                     f"got {str(rate)[:40]!r}")
+            return None
+        sid = self.on_producer(c, rate)
+        c.producer = ProducerState(sid, rate)
+        c.offer(P.encode(P.stream_assigned(sid, rate)))
+        return sid
+
+    async def audio(self, c: Client, data: bytes, now: float) -> None:
+        if c.producer is None and self.start(c, 16000) is None:
+            return
+        st, lim = c.producer, self.limits
+        if len(data) > lim.max_frame_bytes:
+            return await self.limit(c, "frame_too_large",
+                                    f"{len(data)} bytes in one frame; at most {lim.max_frame_bytes}")
+        if len(data) % 2:
+            return self.bad(c, "bad_audio", "16-bit PCM frames must have an even number of bytes")
+        if st.t0 is None:
+            st.t0 = now
+        st.samples += len(data) // 2
+        st.frames += 1
+        if lim.realtime_only and st.samples / st.rate > (now - st.t0) + lim.allowed_lead_s(st.rate):
+            return await self.limit(c, "too_fast", f"{st.samples / st.rate:.2f} s of audio in {now - st.t0:.2f} s; "
+                                                   "producers must not run ahead of real time")
+        self.on_audio(c, data)
+
+
 class Broadcaster:
     """``await start()``, ``publish(msg, stream)``, ``publish_status(dict)``, ``await close()``.
 
-    ``hello()`` builds the hello message for each new subscriber. With ``on_producer``
-    (returns the new stream id for a client and its rate) and ``on_audio`` (gets the
-    checked 16-bit PCM bytes) it accepts producers; ``limits`` are enforced here, and a
-    producer that breaks them gets an ``error`` and is closed (4429) without
-    disturbing anyone else. ``streams()`` (optional) lists the stream ids a
-    subscriber may follow; another id gets an ``unknown_stream`` error.
+    Accepts connections and dispatches what they send; each subscriber is drained by
+    its own :class:`Sender` under ``flow`` (:class:`FlowControl`), and audio goes through
+    a :class:`ProducerGate`. ``hello()`` builds the hello message for each new
+    subscriber. With ``on_producer`` (returns the new stream id for a client and its
+    rate) and ``on_audio`` (gets the checked 16-bit PCM bytes) it accepts producers;
+    ``limits`` are enforced, and a producer that breaks them gets an ``error`` and is
+    closed (4429) without disturbing anyone else. ``streams()`` (optional) lists the
+    stream ids a subscriber may follow; another id gets an ``unknown_stream`` error.
     """
 
     def __init__(self, hello: Callable[[], dict], host: str = "127.0.0.1", port: int = 8765,
-                 token: str | None = None, queue_size: int = 256, max_message_bytes: int = MAX_TEXT_BYTES,
+                 token: str | None = None, flow: FlowControl | None = None,
+                 max_message_bytes: int = MAX_TEXT_BYTES,
                  on_producer: Callable[[Client, int], str] | None = None,
                  on_audio: Callable[[Client, bytes], Any] | None = None,
                  on_disconnect: Callable[[Client], Any] | None = None, limits: ProducerLimits | None = None,
-                 streams: Callable[[], Collection[str]] | None = None, max_lag_s: float = MAX_LAG_S,
-                 slow_close_s: float = SLOW_CLOSE_S, ack_every: int = ACK_EVERY, ack_window: int = ACK_WINDOW,
-                 send_buffer_bytes: int | None = SEND_BUFFER_BYTES):
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+                 streams: Callable[[], Collection[str]] | None = None):
         self.hello = hello
         self.host = host
         self.port = port
         self.token = token
-        self.queue_size = queue_size
+        self.flow = flow or FlowControl()
         self.max_message_bytes = max_message_bytes
-        self.on_producer = on_producer
-        self.on_audio = on_audio
-        self.limits = limits or ProducerLimits()
+        self.producers = ProducerGate(limits or ProducerLimits(), on_producer, on_audio, self._bad, self._limit)
         self.on_disconnect = on_disconnect
         self.streams = streams
-        self.max_lag_s = max_lag_s
-        self.slow_close_s = slow_close_s
-        self.ack_every = ack_every
-        self.ack_window = ack_window
-        self.send_buffer_bytes = send_buffer_bytes
         self.clients: set[Client] = set()
         self.first_subscriber = asyncio.Event()
         self.dropped_total = 0
@@ -159,6 +279,10 @@ class Broadcaster:
         self.refused = 0
         self.slow_closed = 0
         self._server = None
+
+    @property
+    def limits(self) -> ProducerLimits:
+        return self.producers.limits
 
     async def start(self) -> None:
         # the websocket library's own frame limit must not answer before ours (1009, no error message)
@@ -188,56 +312,6 @@ class Broadcaster:
             c.offer(dict(status))
             self.dropped_total += c.dropped - before
 
-    async def _sender(self, c: Client) -> None:
-        """Drain ``c``'s queue: stale predictions dropped, status personalised, sends paced by pongs."""
-        pongs: deque[Awaitable[float]] = deque()
-        since_ping = 0
-        try:
-            while True:
-                await c.wake.wait()
-                c.wake.clear()
-                while c.queue:
-                    while len(pongs) >= self.ack_window:  # the client is behind: wait for it (queue keeps filling)
-                        try:
-                            await asyncio.wait_for(pongs.popleft(), self.slow_close_s)
-                        except asyncio.TimeoutError:
-                            return await self._close_slow(c)
-                    t, item = c.queue.popleft()
-                    age = time.monotonic() - t
-                    if isinstance(item, dict):  # status: tell this subscriber what it lost
-                        item = P.encode({**item, "dropped": c.dropped, "subscribers": len(self.clients),
-                                         "dropped_total": self.dropped_total})
-                    elif age > self.max_lag_s:
-                        c.dropped += 1
-                        self.dropped_total += 1
-                        c.pending -= 1
-                        continue
-                    else:
-                        c.max_lag_s = max(c.max_lag_s, age)
-                    try:  # send() writes the whole frame, then waits while the socket buffers are full
-                        await asyncio.wait_for(c.ws.send(item), self.slow_close_s)
-                    except asyncio.TimeoutError:
-                        return await self._close_slow(c)
-                    c.pending -= 1
-                    c.sent += 1
-                    since_ping += 1
-                    if since_ping >= self.ack_every:
-                        since_ping = 0
-                        pongs.append(await c.ws.ping())
-        except ConnectionClosed:
-            pass
-
-    async def _close_slow(self, c: Client) -> None:
-        self.slow_closed += 1
-        log.warning("subscriber %s closed: no acknowledgement for %.0f s (%d messages dropped)",
-                    c.id, self.slow_close_s, c.dropped)
-        try:  # the close frame may not get through a full socket: then the TCP connection is aborted
-            await asyncio.wait_for(c.ws.close(P.CLOSE_SLOW_CONSUMER, f"slow_consumer: nothing acknowledged for "
-                                              f"{self.slow_close_s:.0f} s; {c.dropped} dropped"), 3.0)
-        except asyncio.TimeoutError:
-            pass
-        c.ws.transport.abort()
-
     # --- receiving ----------------------------------------------------------------
     def _authorized(self, ws: ServerConnection) -> bool:
         if not self.token:
@@ -255,16 +329,16 @@ class Broadcaster:
             await ws.close(P.CLOSE_UNAUTHORIZED, "unauthorized: missing or wrong token")
             return
         sock = ws.transport.get_extra_info("socket")
-        if sock is not None and self.send_buffer_bytes:
+        if sock is not None and self.flow.send_buffer_bytes:
             try:  # keep what the kernel holds for a slow client small; the queue decides what is dropped
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.flow.send_buffer_bytes)
             except OSError:
                 pass
-        c = Client(ws, self.queue_size)
+        c = Client(ws, self.flow.queue_size)
         self.clients.add(c)
         c.offer(P.encode(self.hello()))
         self.first_subscriber.set()
-        sender = asyncio.create_task(self._sender(c))
+        sender = asyncio.create_task(Sender(c, self.flow, self).run())
         try:
             async for message in ws:
                 await self._on_message(c, message)
@@ -287,7 +361,7 @@ class Broadcaster:
 
     async def _on_message(self, c: Client, message: str | bytes) -> None:
         if isinstance(message, bytes):
-            return await self._on_audio(c, message)
+            return await self.producers.audio(c, message, asyncio.get_running_loop().time())
         if len(message) > self.max_message_bytes:
             return self._bad(c, "bad_message", f"text message of {len(message)} characters; "
                                                f"at most {self.max_message_bytes}")
@@ -309,26 +383,11 @@ class Broadcaster:
         elif kind == P.PING:
             c.offer(P.status(subscribers=len(self.clients), dropped_total=self.dropped_total))
         elif kind == P.AUDIO:
-            rate = msg.get("rate", 16000)
             if c.producer is not None:
                 return self._bad(c, "bad_audio", f"already producing stream {c.producer.stream_id}")
-            if self._start_producer(c, rate) is None:
+            if self.producers.start(c, msg.get("rate", 16000)) is None:
                 # the client meant to send audio; going on would start a stream it did not ask for
                 await self._close_after_error(c, P.CLOSE_BAD_REQUEST, "bad_audio: audio header refused")
-
-    def _start_producer(self, c: Client, rate) -> str | None:
-        lim = self.limits
-        if self.on_producer is None:
-            self._bad(c, "not_allowed", "this server does not take audio from clients (start it with --producers)")
-            return None
-        if isinstance(rate, bool) or not isinstance(rate, int) or not lim.min_rate <= rate <= lim.max_rate:
-            self._bad(c, "bad_audio", f"rate must be an integer in {lim.min_rate}..{lim.max_rate} Hz, "
-                                      f"got {str(rate)[:40]!r}")
-            return None
-        sid = self.on_producer(c, rate)
-        c.producer = ProducerState(sid, rate)
-        c.offer(P.encode(P.stream_assigned(sid, rate)))
-        return sid
 
     async def _close_after_error(self, c: Client, code: int, reason: str) -> None:
         """Let the queued ``error`` reach the client (up to 1 s), then close with ``code``."""
@@ -341,25 +400,6 @@ class Broadcaster:
     async def _limit(self, c: Client, code: str, text: str) -> None:
         self._bad(c, code, text)
         await self._close_after_error(c, P.CLOSE_PRODUCER_LIMIT, f"{code}: {text}")
-
-    async def _on_audio(self, c: Client, data: bytes) -> None:
-        if c.producer is None and self._start_producer(c, 16000) is None:
-            return
-        st, lim = c.producer, self.limits
-        if len(data) > lim.max_frame_bytes:
-            return await self._limit(c, "frame_too_large",
-                                     f"{len(data)} bytes in one frame; at most {lim.max_frame_bytes}")
-        if len(data) % 2:
-            return self._bad(c, "bad_audio", "16-bit PCM frames must have an even number of bytes")
-        now = asyncio.get_running_loop().time()
-        if st.t0 is None:
-            st.t0 = now
-        st.samples += len(data) // 2
-        st.frames += 1
-        if lim.realtime_only and st.samples / st.rate > (now - st.t0) + lim.allowed_lead_s(st.rate):
-            return await self._limit(c, "too_fast", f"{st.samples / st.rate:.2f} s of audio in {now - st.t0:.2f} s; "
-                                                    "producers must not run ahead of real time")
-        self.on_audio(c, data)
 
     # --- shutdown -----------------------------------------------------------------
     async def close(self, reason: str | None = None, drain_s: float = 1.0) -> None:

@@ -119,6 +119,24 @@ def test_batched_equals_one_by_one(emodb_dir):
     torch.testing.assert_close(imgs[1], fe.images(batch[1]), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("normalization", ["segment", "speaker", "corpus"])
+def test_whole_files_at_once_equal_one_by_one(emodb_dir, normalization):
+    """``segments_many`` (one FFT over every file's frames) gives each file's ``segments`` exactly:
+    real files of different lengths, one too short for a segment and one too short for a frame."""
+    files = sorted((emodb_dir / "wav").glob("*.wav"))[:6]
+    waves = [load_audio(f) for f in files] + [torch.randn(8000) * 0.1, torch.randn(300) * 0.1]
+    fe = Frontend(FrontendConfig(normalization=normalization))
+    stats = (torch.randn(3, 64), torch.rand(3, 64) + 0.5) if normalization == "speaker" else None
+    many = fe.segments_many(waves, stats)
+    assert len(many) == len(waves)
+    for w, got in zip(waves, many):
+        want = fe.segments(w, stats)[0]
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert many[-1].shape[0] == 0 and many[-2].shape[0] == 0 and many[0].shape[0] > 0
+    assert [x.shape[0] for x in fe.segments_many([])] == []
+
+
 def test_chunk_boundaries_do_not_change_frames(emodb_dir):
     """Frames computed from any slice that starts on a hop boundary equal the whole signal's."""
     fe = Frontend()

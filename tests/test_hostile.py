@@ -26,7 +26,7 @@ from stream_ser import protocol as P
 from stream_ser.cli import main as cli_main
 from stream_ser.config import FrontendConfig
 from stream_ser.model import CheckpointError, EmotionModel, load_checkpoint, save_checkpoint
-from stream_ser.server import Broadcaster, ProducerLimits
+from stream_ser.server import Broadcaster, ProducerLimits, FlowControl
 from test_server import _stuck_client
 
 TOKEN = "s3cret"
@@ -372,12 +372,12 @@ def test_a_slow_subscriber_has_bounded_lag_is_told_what_it_lost_and_others_get_e
                 if m["type"] == "status":
                     dropped = max(dropped, m["dropped"])
                     break
-            bound = h.srv.max_lag_s + h.srv.ack_every * h.srv.ack_window * 0.1 + 1.0
+            bound = h.srv.flow.max_lag_s + h.srv.flow.ack_every * h.srv.flow.ack_window * 0.1 + 1.0
             assert max(lags) < bound, (max(lags), bound)
             assert dropped > 0
             assert seen_fast == list(range(seen_fast[0], seen_fast[0] + len(seen_fast)))  # nothing lost
             assert len(seen_fast) > 90
-    run(case, max_lag_s=1.0)
+    run(case, flow=FlowControl(max_lag_s=1.0))
 
 
 def test_a_subscriber_that_stops_reading_is_closed_4408_past_the_limit():
@@ -386,7 +386,7 @@ def test_a_subscriber_that_stops_reading_is_closed_4408_past_the_limit():
         for i in range(200):  # big messages so its buffers fill in a moment
             h.srv.publish({"type": "prediction", "seq": -i, "pad": "x" * 20_000}, "local")
             await asyncio.sleep(0.005)
-        deadline = time.monotonic() + h.srv.slow_close_s + 5
+        deadline = time.monotonic() + h.srv.flow.slow_close_s + 5
         while h.srv.slow_closed == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert h.srv.slow_closed == 1
@@ -394,7 +394,7 @@ def test_a_subscriber_that_stops_reading_is_closed_4408_past_the_limit():
             await asyncio.sleep(0.05)
         assert len(h.srv.clients) == 1
         stuck.close()
-    run(case, slow_close_s=1.0)
+    run(case, flow=FlowControl(slow_close_s=1.0))
 
 
 # --- the command line and checkpoints ---------------------------------------------------

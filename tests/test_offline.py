@@ -53,6 +53,22 @@ def test_summary_averages_runs_within_a_fold_then_folds():
     assert s["confusion"] == [[2, 1], [1, 2]] and s["pooled_wa"] == pytest.approx(4 / 6)
 
 
+def test_ensemble_averages_the_runs_probabilities_per_utterance():
+    """Two runs that each get one of two utterances wrong, confidently on the other: their mean is right on both."""
+    def run(probs, pred):
+        return {"fold": "a", "uar": 0.5, "confusion": [[1, 0], [1, 0]],
+                "predictions": {"uids": ["u1", "u2"], "true": [0, 1], "pred": pred, "probs": probs}}
+    runs = [run([[0.9, 0.1], [0.6, 0.4]], [0, 0]), run([[0.4, 0.6], [0.1, 0.9]], [1, 1])]
+    s = summarize(runs, ["x", "y"])
+    assert s["fold_uar"] == {"a": 0.5} and s["ensemble_fold_uar"] == {"a": 1.0}
+    assert s["ensemble_uar_mean"] == 1.0
+    # one run per fold, or records without probabilities: no ensemble figure
+    assert summarize(runs[:1], ["x", "y"])["ensemble_uar_mean"] is None
+    for r in runs:
+        del r["predictions"]["probs"]
+    assert summarize(runs, ["x", "y"])["ensemble_fold_uar"] is None
+
+
 # --- folds -------------------------------------------------------------------------
 def test_emodb_loso_folds_are_disjoint(emodb_dir):
     corpus = load_emodb(emodb_dir)

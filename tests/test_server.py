@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from stream_ser import protocol as P
-from stream_ser.server import Broadcaster
+from stream_ser.server import Broadcaster, FlowControl
 
 LABELS = ["a", "b", "c"]
 
@@ -97,7 +97,7 @@ def test_hundred_subscribers_all_receive_everything():
 
 def test_subscriber_that_never_reads_does_not_delay_another():
     async def main():
-        srv = _server(queue_size=16)
+        srv = _server(flow=FlowControl(queue_size=16))
         await srv.start()
         stuck = await asyncio.to_thread(_stuck_client, srv.port)  # handshakes, then never reads its socket
         good = await connect(srv.url)

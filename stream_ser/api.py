@@ -156,13 +156,21 @@ class EmotionRecognizer:
             cur = rs.current()
             stats = (cur.mean, cur.std)
         probs = self.model.predict([wave], stats=stats)[0].numpy()
-        activity, speech = _activity(x, self.vad)
-        top = int(np.argmax(probs))
-        label = self.labels[top] if speech else None
         wins = []
         if windows:
             rec = StreamingRecognizer(self.model, vad=self.vad)
-            wins = [Window.from_prediction(p) for p in rec.push(x) + rec.flush()]
+            preds = rec.push(x)
+            det = rec.segmenter.vad
+            if det is not None:  # the file's speech share from the detector the windows used: silero runs once
+                activity = det.overall_fraction()
+                speech = activity >= MIN_SPEECH_FRACTION
+            else:
+                activity, speech = _activity(x, False)
+            wins = [Window.from_prediction(p) for p in preds + rec.flush()]
+        else:
+            activity, speech = _activity(x, self.vad)
+        top = int(np.argmax(probs))
+        label = self.labels[top] if speech else None
         return Result(label, float(probs[top]), {lab: float(p) for lab, p in zip(self.labels, probs)}, activity,
                       x.size / fc.sample_rate, wins)
 

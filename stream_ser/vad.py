@@ -87,6 +87,7 @@ class SpeechDetector:
         self._pending = np.zeros(0, np.float32)
         self._probs: deque[float] = deque(maxlen=HISTORY_CHUNKS)
         self.n_chunks = 0  # chunks scored since the start of the stream
+        self.n_speech = 0  # ... of which speech (probability above SPEECH_PROB)
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Score every chunk the new samples complete; returns their speech probabilities."""
@@ -102,7 +103,12 @@ class SpeechDetector:
                 out[i] = float(self.model(chunks[i:i + 1], SAMPLE_RATE))
         self._probs.extend(out.tolist())
         self.n_chunks += n
+        self.n_speech += int((out > SPEECH_PROB).sum())
         return out
+
+    def overall_fraction(self) -> float:
+        """Share of every chunk scored since the last reset that is speech (0 if none)."""
+        return self.n_speech / self.n_chunks if self.n_chunks else 0.0
 
     def speech_fraction(self, start: int, end: int) -> float:
         """Share of the scored chunks whose centre lies in samples ``[start, end)`` that are speech (0 if none)."""
@@ -119,4 +125,4 @@ def speech_fraction_of(wave: np.ndarray) -> float:
     """Share of speech chunks in a whole recording (16 kHz float32 mono), from a fresh detector."""
     det = SpeechDetector()
     det.push(np.asarray(wave, np.float32))
-    return det.speech_fraction(0, len(wave))
+    return det.overall_fraction()

@@ -87,6 +87,21 @@ def test_speech_is_speech(model, emodb_wav):
     assert r.speech and r.label in model.labels and r.speech_activity > 0.5
 
 
+def test_whole_file_speech_share_comes_from_the_windows_detector_without_a_second_pass(model, emodb_wav, monkeypatch):
+    """With windows, silero-vad scores each 32 ms chunk once (the windows' detector also gives the file's
+    speech share), and the share equals the one a separate whole-file pass gives."""
+    from stream_ser import vad
+    without = model.recognize(emodb_wav(LONG), windows=False)
+    scored = []
+    real_push = vad.SpeechDetector.push
+    monkeypatch.setattr(vad.SpeechDetector, "push", lambda self, x: scored.append(len(x)) or real_push(self, x))
+    r = model.recognize(emodb_wav(LONG))
+    n = round(r.duration_s * 16000)
+    assert sum(scored) < 2 * n  # once over the file (plus the flush's padding), not twice
+    assert r.speech_activity == without.speech_activity and r.label == without.label
+    assert r.windows and all(w.speech for w in r.windows[:2])
+
+
 def test_stream_push_at_48k_gives_rolling_windows(model, emodb_wav):
     import soxr
     x = soxr.resample(load_audio(emodb_wav(LONG)).numpy(), 16000, 48000).astype(np.float32)

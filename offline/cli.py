@@ -108,6 +108,8 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain-data", default=None, help="folder of the --pretrain corpus")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="stage-1 epochs of the pre-training "
                    "(default: the preset's stage-1 epochs)")
+    p.add_argument("--pretrain-speeds", type=_speeds, default=None,
+                   help="speed perturbation of the pre-training corpus: 1, 3, 5 or a list (default: --speeds)")
 
 
 OVERRIDE_KEYS = ["stage1_epochs", "stage1_batch", "stage1_lr", "stage2_epochs", "stage2_batch", "stage2_lr", "speeds",
@@ -204,9 +206,18 @@ def pretrain_cnn(args, cfg, corpus, out: Path, device, log, progress):
         raise ValueError("--pretrain must be another corpus than the one evaluated")
     path = out / f"pretrain-{other.name}.pt"
     pcfg = dataclasses.replace(cfg, weights="none", stage1_epochs=args.pretrain_epochs or cfg.stage1_epochs,
-                               stage2_epochs=1, runs=1, max_per_speaker=cfg.max_per_speaker)
+                               stage2_epochs=1, runs=1, max_per_speaker=cfg.max_per_speaker,
+                               speeds=args.pretrain_speeds or cfg.speeds)
     if path.is_file():
-        log(f"pre-trained CNN {path} exists: not recomputed")
+        # resuming: the pre-training on disk must be the one these flags ask for, not another recipe's
+        try:
+            made = _json.loads((out / "pretrain.json").read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            made = None
+        if made != pcfg.to_dict():
+            raise ValueError(f"{path} exists but was not made by this pre-training recipe (see {out / 'pretrain.json'}); "
+                             "use the same --pretrain-* flags and preset, or a new --out folder")
+        log(f"pre-trained CNN {path} exists (same recipe): not recomputed")
     else:
         other = other.first_per_speaker(cfg.max_per_speaker)
         log(f"pre-training the CNN on {other.name} ({len(other.utterances)} utterances, {len(other.speakers)} "

@@ -182,6 +182,11 @@ def test_loso_with_pretraining_on_another_corpus(emodb_dir, ravdess_dir, tmp_pat
     assert "pre-training the CNN on ravdess" in (out / "report.md").read_text()
     pre = torch.load(out / "pretrain-ravdess.pt", weights_only=True)
     assert pre["meta"]["corpus"] == "ravdess"
+    # resuming reuses the pre-training only when the flags ask for that same pre-training
+    assert offline_cli.main(args) == 0
+    assert "exists (same recipe): not recomputed" in (out / "run.log").read_text()
+    assert offline_cli.main([*args, "--pretrain-speeds", "3"]) == 2
+    assert offline_cli.main(args[:-1] + ["2"]) == 2  # --pretrain-epochs 2
     # the same corpus cannot pre-train itself
     bad = offline_cli.main(["loso", "--corpus", "emodb", "--data", str(emodb_dir), "--out", str(tmp_path / "b"),
                             "--pretrain", "emodb", "--pretrain-data", str(emodb_dir)])

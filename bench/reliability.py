@@ -157,7 +157,7 @@ async def slow(interval_s: float, seconds: float) -> dict:
 
 
 async def stuck(seconds: float) -> dict:
-    from tests.test_server import _stuck_client  # the raw-socket client the test suite uses
+    from bench.clients import stuck_client as _stuck_client  # the raw-socket client the tests use too
     srv = _server()
     await srv.start()
     stop = asyncio.Event()

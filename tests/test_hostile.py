@@ -27,7 +27,7 @@ from stream_ser.cli import main as cli_main
 from stream_ser.config import FrontendConfig
 from stream_ser.model import CheckpointError, EmotionModel, load_checkpoint, save_checkpoint
 from stream_ser.server import Broadcaster, ProducerLimits, FlowControl
-from test_server import _stuck_client
+from bench.clients import stuck_client as _stuck_client
 
 TOKEN = "s3cret"
 

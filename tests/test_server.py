@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +14,8 @@ from websockets.exceptions import ConnectionClosed
 from stream_ser import protocol as P
 from stream_ser.server import Broadcaster, FlowControl
 
+from bench.clients import stuck_client as _stuck_client
+
 LABELS = ["a", "b", "c"]
 
 
@@ -25,18 +24,6 @@ def _pred(seq):
                          "probabilities": {"a": 0.5, "b": 0.3, "c": 0.2}, "label": "a", "confidence": 0.5,
                          "attention": [0.125] * 8, "speech_activity": 1.0, "level_dbfs": -20.0,
                          "timings_ms": {"total": 1.0}, "stream": None})
-
-
-def _stuck_client(port: int) -> socket.socket:
-    """A real websocket client that completes the handshake and then never reads (small receive buffer)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    assert sock.recv(12) == b"HTTP/1.1 101"
-    return sock
 
 
 def _server(**kw):

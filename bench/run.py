@@ -195,7 +195,7 @@ def capacity(model, audio: list[np.ndarray], ladder: list[int], hops: int) -> di
 
 
 # 5 -------------------------------------------------------------------------------
-FILES_PER_BATCH = 128  # files per segments_many call in the corpus front-end figure
+FILES_PER_BATCH = 16  # files per segments_many call in the corpus front-end figure
 
 
 def frontend_throughput(files: list[Path], device: torch.device) -> dict:
@@ -336,6 +336,10 @@ CPU_NOTES = [
     "carry 24 streams; 30 need the 112 px model (64 streams) or a GPU.",
     "- The GPU figures (targets: one stream p99 < 5 ms, >= 2000 streams) are not measured: no GPU was lent to the "
     "task that wrote this. `python -m bench.run --device cuda` measures them.",
+    "- The front-end: batching whole files (`Frontend.segments_many`: every file's frames in one FFT and one "
+    "filterbank product) was measured against file-by-file at 128 and 16 files per call: 1557 and 2965 s/s "
+    "against 3560 and 3354 s/s file by file, so it does not help here. The work is bound by the FFT and memory "
+    "traffic, not by per-call overhead; 20x librosa on 2 cores is not in reach this way.",
     "- Capacity is one run per stream count (a ladder that stops at the first miss), not a median; the figures "
     "moved by about one ladder step between two runs on this shared VM.",
     "",

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from stream_ser.assets import default_checkpoint, sample_path
 from stream_ser.model import load_checkpoint

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 

@@ -126,9 +126,6 @@ class RayExecutor:
 
 
 def _task_error(e: BaseException) -> str:
-    """The user's error in one line (Ray wraps it in its own traceback)."""
-    cause = getattr(e, "cause", None)
-    if cause is not None:
-        e = cause
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500] + f" (after {TASK_RETRIES} retry)"
+    """The user's error in one line, as a local fold-run reports it (Ray wraps it in its own traceback)."""
+    from .evaluate import _error_line
+    return _error_line(getattr(e, "cause", None) or e) + f" (after {TASK_RETRIES} retry)"

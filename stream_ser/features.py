@@ -86,13 +86,11 @@ class Frontend(nn.Module):
         frames, counts = [], []
         for w in waves:
             w = w.reshape(-1).to(self.window)
-            n = 1 + (w.numel() - cfg.win_length) // cfg.hop_length if w.numel() >= cfg.win_length else 0
-            counts.append(n)
-            if n:
+            counts.append(cfg.frames_for(w.numel()))
+            if counts[-1]:
                 frames.append(w.unfold(0, cfg.win_length, cfg.hop_length))
-        if not frames:
-            return [self.window.new_zeros(0, cfg.channels, cfg.n_mels, cfg.segment_frames) for _ in counts]
-        log_mel = self._log_mel_frames(torch.cat(frames))  # [sum T_i, M]
+        log_mel = (self._log_mel_frames(torch.cat(frames)) if frames
+                   else self.window.new_zeros(0, cfg.n_mels))  # [sum T_i, M]
         statics, n_segs = [], []
         for lm in log_mel.split(counts):
             S = cfg.segments_for_frames(lm.shape[0])

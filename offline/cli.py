@@ -73,7 +73,8 @@ def _add_training_flags(p: argparse.ArgumentParser, corpus: bool = True) -> None
     g.add_argument("--stage2-batch", type=int)
     g.add_argument("--stage2-lr", type=float)
     g.add_argument("--speeds", type=_speeds, help="speed perturbation of training speakers: 1, 3, 5 or a list")
-    g.add_argument("--runs", type=int, help="runs per fold (paper: 3)")
+    g.add_argument("--runs", type=int, help="runs per fold (paper: 3); a larger value on a finished --out folder "
+                   "adds runs and reuses those made")
     g.add_argument("--weights", help="AlexNet init: imagenet, none, or a .pth path")
     g.add_argument("--seed", type=int)
     g.add_argument("--image-size", type=int, help="CNN input size (paper: 227)")

@@ -10,6 +10,7 @@ recomputed, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,8 +81,13 @@ FOLD_RUN_KEYS = ("fold", "run", "seed", "uar", "wa", "confusion", "predictions",
 
 
 def config_fingerprint(cfg: TrainConfig) -> str:
-    """A short hash of everything in the training configuration (a resumed run must not mix configs)."""
-    blob = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    """A short hash of everything in the training configuration (a resumed run must not mix configs).
+
+    ``runs`` is left out (hashed as 1): a fold-run's training depends on its seed, not on how many runs
+    there are, so re-running a finished folder with a larger ``--runs`` adds runs and reuses the ones
+    made (and folders made before this rule, all with their own ``runs``, keep their fingerprints when
+    that was 1)."""
+    blob = json.dumps(dataclasses.replace(cfg, runs=1).to_dict(), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

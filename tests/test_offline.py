@@ -179,6 +179,15 @@ def test_loso_end_to_end_writes_results_report_and_plot(emodb_dir, tmp_path, cap
     # report rewrite and comparison
     assert offline_cli.main(["report", str(out), str(out), "--compare"]) == 0
     assert "UAR mean ± std" in capsys.readouterr().out
+    # a larger --runs extends the finished run: the run-0 records are reused, run 1 is added, and the
+    # runs of each fold are also scored as one ensemble
+    assert offline_cli.main([*args, "--runs", "2"]) == 0
+    assert (out / "run.log").read_text().count("done before") == 6
+    res2 = json.loads((out / "results.json").read_text())
+    assert [(r["fold"], r["run"]) for r in res2["fold_runs"]] == [(f, k) for f in ("03", "08", "16") for k in (0, 1)]
+    assert [r for r in res2["fold_runs"] if r["run"] == 0] == res["fold_runs"]
+    assert 0 <= res2["summary"]["ensemble_uar_mean"] <= 1
+    assert "ensemble" in (out / "report.md").read_text()
 
 
 def test_train_command_writes_a_deployable_checkpoint(emodb_dir, tmp_path):

@@ -173,7 +173,8 @@ def compare(run_dirs: list[str | Path]) -> str:
     """One table over several runs (an ablation): what differs, and the UARs."""
     rows = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
     keys = sorted({k for r in rows for k, v in r["config"].items() if any(x["config"].get(k) != v for x in rows)})
-    head = ["run"] + keys + ["UAR mean ± std (%)", "pooled UAR (%)", "WA (%)", "paper"]
+    head = ["run"] + keys + ["UAR mean ± std (%)", "ensemble of the runs, UAR (%)", "pooled UAR (%)", "WA (%)",
+                             "paper"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d, r in zip(run_dirs, rows):
         s = r["summary"]
@@ -181,8 +182,10 @@ def compare(run_dirs: list[str | Path]) -> str:
         n_failed = len(r.get("failed") or [])
         figures = ([f"{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}"
                     + (f" ({n_failed} fold-runs FAILED)" if n_failed else ""),
+                    (f"{100 * s['ensemble_uar_mean']:.2f} ± {100 * s['ensemble_uar_std']:.2f}"
+                     if s.get("ensemble_uar_mean") is not None else "–"),
                     f"{100 * s['pooled_uar']:.2f}", f"{100 * s['pooled_wa']:.2f}"] if s
-                   else [f"no result ({n_failed} fold-runs FAILED)", "–", "–"])
+                   else [f"no result ({n_failed} fold-runs FAILED)", "–", "–", "–"])
         out.append("| " + " | ".join([Path(d).name] + [str(r["config"].get(k)) for k in keys] + figures
                                      + [f"{ref[1][0]:.2f} ({ref[0]})" if ref else "–"]) + " |")
     return "\n".join(out) + "\n"

@@ -188,6 +188,10 @@ def test_loso_end_to_end_writes_results_report_and_plot(emodb_dir, tmp_path, cap
     assert [r for r in res2["fold_runs"] if r["run"] == 0] == res["fold_runs"]
     assert 0 <= res2["summary"]["ensemble_uar_mean"] <= 1
     assert "ensemble" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert offline_cli.main(["report", str(out), "--compare"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"{100 * res2['summary']['ensemble_uar_mean']:.2f} ± " in row
 
 
 def test_train_command_writes_a_deployable_checkpoint(emodb_dir, tmp_path):

@@ -85,8 +85,7 @@ def config_fingerprint(cfg: TrainConfig) -> str:
 
     ``runs`` is left out (hashed as 1): a fold-run's training depends on its seed, not on how many runs
     there are, so re-running a finished folder with a larger ``--runs`` adds runs and reuses the ones
-    made (and folders made before this rule, all with their own ``runs``, keep their fingerprints when
-    that was 1)."""
+    made. A folder made before this rule keeps its fingerprint when it had one run."""
     blob = json.dumps(dataclasses.replace(cfg, runs=1).to_dict(), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -70,6 +70,13 @@ def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.2f}"
 
 
+def _mean_std(summary: dict, name: str) -> str:
+    """``summary[name + "_mean"]`` ± ``summary[name + "_std"]`` in percent; "–" when the mean is absent."""
+    if summary.get(f"{name}_mean") is None:
+        return "–"
+    return f"{100 * summary[f'{name}_mean']:.2f} ± {100 * summary[f'{name}_std']:.2f}"
+
+
 def render_markdown(results: dict) -> str:
     s = results["summary"]
     cfg = results["config"]
@@ -112,12 +119,12 @@ def render_markdown(results: dict) -> str:
               "| metric | this run | paper |", "|---|---|---|"]
     ref = paper_reference(results["corpus"], cfg)
     ref_txt = f"{ref[1][0]:.2f} ± {ref[1][1]:.2f} ({ref[0]})" if ref else "–"
-    lines += [f"| UAR, mean ± std over folds (%) | **{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}** | {ref_txt} |",
+    lines += [f"| UAR, mean ± std over folds (%) | **{_mean_std(s, 'uar')}** | {ref_txt} |",
               f"| pooled UAR (%) | {100 * s['pooled_uar']:.2f} | – |",
               f"| pooled WA (%) | {100 * s['pooled_wa']:.2f} | – |"]
     if s.get("ensemble_uar_mean") is not None:
         lines.append(f"| UAR of each fold's {cfg['runs']} runs as one ensemble (mean probabilities), mean ± std "
-                     f"over folds (%) | {100 * s['ensemble_uar_mean']:.2f} ± {100 * s['ensemble_uar_std']:.2f} | – |")
+                     f"over folds (%) | {_mean_std(s, 'ensemble_uar')} | – |")
     if s.get("compact_uar_mean") is not None:
         lines.append(f"| UAR of the int8 compact models, mean over fold-runs (%) | {100 * s['compact_uar_mean']:.2f} "
                      f"(full precision: {100 * s['uar_run_mean']:.2f}) | – |")
@@ -180,10 +187,8 @@ def compare(run_dirs: list[str | Path]) -> str:
         s = r["summary"]
         ref = paper_reference(r["corpus"], r["config"])
         n_failed = len(r.get("failed") or [])
-        figures = ([f"{100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f}"
-                    + (f" ({n_failed} fold-runs FAILED)" if n_failed else ""),
-                    (f"{100 * s['ensemble_uar_mean']:.2f} ± {100 * s['ensemble_uar_std']:.2f}"
-                     if s.get("ensemble_uar_mean") is not None else "–"),
+        figures = ([_mean_std(s, "uar") + (f" ({n_failed} fold-runs FAILED)" if n_failed else ""),
+                    _mean_std(s, "ensemble_uar"),
                     f"{100 * s['pooled_uar']:.2f}", f"{100 * s['pooled_wa']:.2f}"] if s
                    else [f"no result ({n_failed} fold-runs FAILED)", "–", "–", "–"])
         out.append("| " + " | ".join([Path(d).name] + [str(r["config"].get(k)) for k in keys] + figures

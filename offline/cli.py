@@ -13,12 +13,14 @@ from .augment import SPEED_SETS
 from .corpora import CorpusError, load_corpus
 from .train import PRESETS, config_from_args
 
-EPILOG = """examples:
+EPILOG = r"""examples:
   ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset quick --out runs/emodb-quick
   ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset paper --weights none --out runs/paper
   ser-offline loso  --corpus emodb --data ../shared/data/emodb --preset paper --weights none --out runs/paper \
                     --workers 8 --gpus-per-run 0.125      (8 fold-runs at a time on one GPU, local Ray)
   ser-offline loso  ... --ray-address 10.0.0.1:6379       (an existing Ray cluster)
+  ser-offline loso  ... --folds 08 --out runs/x/08        (one fold; start one per fold side by side, then:)
+  ser-offline merge runs/x/?? --out runs/x                (one results.json from the per-fold folders)
   ser-offline train --corpus emodb --data ../shared/data/emodb --preset quick --out model.pt
   ser-offline cross --train emodb --train-data ../shared/data/emodb --test ravdess \
                     --test-data ../shared/data/ravdess --out runs/emodb-to-ravdess
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the last one in sorted order)")
     x.add_argument("--out", required=True, help="run folder for results.json, report.md, run.log")
     _add_training_flags(x, corpus=False)
+    m = sub.add_parser("merge", help="one results.json from loso runs of one recipe on parts of the folds "
+                       "(e.g. one `--folds F` process per fold, side by side on a GPU)")
+    m.add_argument("parts", nargs="+", help="finished loso run folders (each with results.json)")
+    m.add_argument("--out", required=True, help="run folder for the merged results.json, report.md, confusion.png")
     r = sub.add_parser("report", help="rewrite report.md and confusion.png from results.json")
     r.add_argument("runs", nargs="+", help="run folders")
     r.add_argument("--compare", action="store_true", help="print one comparison table over the runs")
@@ -248,6 +254,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {write_report(d)}")
         if args.compare:
             print(compare(args.runs))
+        return 0
+
+    if args.cmd == "merge":
+        from .merge import MergeError, merge_runs
+        from .report import write_report
+        command = "ser-offline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        try:
+            merged = merge_runs([Path(p) for p in args.parts], Path(args.out), command)
+        except MergeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        s = merged["summary"]
+        print(f"merged {len(args.parts)} parts: {s.get('n_fold_runs', 0)} fold-runs over {s.get('n_folds', 0)} folds"
+              + (f", UAR {100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f} %" if s else "")
+              + (f"; {len(merged['failed'])} fold-run(s) failed" if merged["failed"] else "")
+              + f"; report: {write_report(args.out)}")
         return 0
 
     from .evaluate import pick_device, run_protocol  # torch-heavy imports only when needed

@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +72,13 @@ def machine_info(device: torch.device) -> dict:
 
 def pick_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":  # fixed input shapes: let cuDNN pick the fastest convolution once per shape
+        torch.backends.cudnn.benchmark = True
+    return device
 
 
 FOLD_RUN_KEYS = ("fold", "run", "seed", "uar", "wa", "confusion", "predictions", "seconds")
@@ -101,7 +105,7 @@ def load_fold_run(path: Path, fold: str, run: int, seed: int, fingerprint: str, 
         missing = [k for k in FOLD_RUN_KEYS if k not in rec]
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
-        if (rec["fold"], rec["run"], rec["seed"]) != (fold, run, seed):
+        if (rec["fold"], rec["run"]) != (fold, run):
             raise ValueError(f"it holds fold {rec['fold']!r} run {rec['run']} seed {rec['seed']}")
         if not (isinstance(rec["uar"], (int, float)) and 0 <= rec["uar"] <= 1):
             raise ValueError(f"UAR {rec['uar']!r} is not in [0, 1]")
@@ -117,6 +121,13 @@ def load_fold_run(path: Path, fold: str, run: int, seed: int, fingerprint: str, 
         raise ValueError(f"{path} was made with another training configuration (fingerprint "
                          f"{rec['config_fingerprint']} vs {fingerprint} now); resume with the same flags, "
                          f"or use a new --out folder")
+    if rec["seed"] != seed:  # same recipe, another seed: e.g. a `--folds` subset made before seeds were
+        # tied to the fold's position among all folds. A valid record, but not this plan's fold-run.
+        aside = path.with_suffix(f".seed{rec['seed']}")
+        path.replace(aside)
+        log(f"warning: {path} holds fold {fold} run {run} trained with seed {rec['seed']}, but this plan trains "
+            f"it with seed {seed}; kept as {aside.name}, recomputing that fold-run")
+        return None
     return rec
 
 
@@ -133,10 +144,18 @@ class FoldRun:
         return f"{self.fold.name}_run{self.run}"
 
 
-def plan_fold_runs(folds: list[Fold], cfg: TrainConfig) -> list[FoldRun]:
-    """Every fold x run with its seed (seed + 1000 * run + fold index: the same wherever it runs)."""
-    return [FoldRun(fold, run, cfg.seed + 1000 * run + fi, fi * cfg.runs + run)
-            for fi, fold in enumerate(folds) for run in range(cfg.runs)]
+def plan_fold_runs(folds: list[Fold], cfg: TrainConfig, only: Sequence[str] | None = None) -> list[FoldRun]:
+    """Every fold x run of ``folds`` (all the corpus's folds; ``only``: the names of a subset) with its seed.
+
+    The seed is seed + 1000 * run + the fold's position among *all* the corpus's folds, so a fold-run
+    gets the same seed wherever it runs and whichever subset of folds (``--folds``) was asked for:
+    ``--folds 08`` trains exactly the fold-run that the full protocol trains for fold 08."""
+    jobs: list[FoldRun] = []
+    for fi, fold in enumerate(folds):
+        if only is None or fold.name in only:
+            for run in range(cfg.runs):
+                jobs.append(FoldRun(fold, run, cfg.seed + 1000 * run + fi, len(jobs)))
+    return jobs
 
 
 def fold_run_record(corpus: Corpus, cfg: TrainConfig, bank: FeatureBank, job: FoldRun, device: torch.device,
@@ -199,11 +218,12 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
         unknown = set(only_folds) - {f.name for f in folds}
         if unknown:
             raise SystemExit(f"error: unknown folds {sorted(unknown)}; this corpus has {[f.name for f in folds]}")
-        folds = [f for f in folds if f.name in only_folds]
     fingerprint = config_fingerprint(cfg)
     bank = FeatureBank(corpus, cfg.frontend_config(), cache_dir, device, log, progress)
     t_start = time.time()
-    jobs = plan_fold_runs(folds, cfg)
+    jobs = plan_fold_runs(folds, cfg, only_folds)
+    if only_folds:
+        folds = [f for f in folds if f.name in only_folds]
     done: dict[int, dict] = {}
     failed: list[dict] = []
     outer = progress.add_task("folds x runs", total=len(jobs)) if progress else None

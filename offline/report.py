@@ -86,6 +86,13 @@ def render_markdown(results: dict) -> str:
              f"report ({results['preset']} preset)", ""]
     if results.get("command"):
         lines += ["Command:", "", f"```\n{results['command']}\n```", ""]
+    if results.get("parts"):  # ser-offline merge: fold subsets run side by side, records copied unchanged
+        lines += [f"Merged from {len(results['parts'])} runs on parts of the folds (`ser-offline merge`; records "
+                  "unchanged):", ""]
+        lines += [f"- folds {', '.join(p['folds'])}: `{p['command']}`"
+                  + (f" ({p['wall_seconds'] / 60:.1f} min)" if p.get("wall_seconds") else "") for p in results["parts"]]
+        lines += ["", "Each part's time is its own wall time; parts that ran side by side overlap, so the compute "
+                  "time below is their sum, not the time the whole run took.", ""]
     failed = results.get("failed") or []
     if failed:  # never a silently missing fold: the figures below are over the fold-runs that finished
         lines += [f"**{len(failed)} fold-run(s) FAILED** and are left out of every figure below "

@@ -31,6 +31,18 @@ from torch import nn
 from .config import FrontendConfig
 
 
+# A channel flatter than this (std in log-Mel units) carries no information: digital silence or the
+# zero padding of a short utterance, whose log-Mel is the constant log floor. Dividing its float
+# rounding residue (about 1e-6, and different on CPU and CUDA) by a std near 0 would turn it into
+# O(1) noise, so the scale is floored. Real audio's channels vary by far more (>0.05).
+MIN_NORM_STD = 1e-2
+
+
+def _scale(std: torch.Tensor, eps: float) -> torch.Tensor:
+    """The normalisation divisor: std + eps, floored at MIN_NORM_STD (flat channels stay ~0)."""
+    return (std + eps).clamp_min(MIN_NORM_STD)
+
+
 class Frontend(nn.Module):
     """Log-Mel / delta / delta-delta segments and their CNN images.
 
@@ -147,7 +159,7 @@ class Frontend(nn.Module):
         if cfg.normalization == "segment":
             mean = seg.mean(dim=(-2, -1), keepdim=True)
             std = seg.std(dim=(-2, -1), keepdim=True, unbiased=False)
-            return (seg - mean) / (std + cfg.norm_eps)
+            return (seg - mean) / _scale(std, cfg.norm_eps)
         if cfg.normalization == "speaker" and stats is not None:
             mean, std = (t.to(seg) for t in stats)
             if mean.dim() == 3:  # one per batch item: [B, C, M] -> [B, 1.., C, M, 1]
@@ -155,12 +167,12 @@ class Frontend(nn.Module):
                 mean, std = mean.reshape(shape), std.reshape(shape)
             else:
                 mean, std = mean[..., None], std[..., None]
-            return (seg - mean) / (std + cfg.norm_eps)
+            return (seg - mean) / _scale(std, cfg.norm_eps)
         if cfg.normalization in ("corpus", "speaker"):
             C = seg.shape[-3]
             mean = self.norm_mean[:C, :, None]
             std = self.norm_std[:C, :, None]
-            return (seg - mean) / (std + cfg.norm_eps)
+            return (seg - mean) / _scale(std, cfg.norm_eps)
         return seg
 
     def set_corpus_stats(self, raw_segments: torch.Tensor) -> None:

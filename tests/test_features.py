@@ -185,6 +185,28 @@ def test_moves_with_to():
     assert fe.log_mel(torch.randn(1, 4000)).dtype == torch.float64
 
 
+@pytest.mark.parametrize("normalization", ["segment", "speaker", "corpus"])
+def test_a_flat_segment_normalises_to_zero_whatever_rounding_it_carries(normalization):
+    """Zero padding (or digital silence) is the constant log floor; its float rounding residue differs by
+    device and must not be blown up into O(1) features (it was: segment 6 of a short utterance differed by
+    0.76 between CPU and CUDA)."""
+    fe = Frontend(FrontendConfig(normalization=normalization, image_size=64))
+    flat = torch.full((3, 64, 64), float(np.log(1e-10)))
+    flat[1:] = 0.0  # the deltas of a constant
+    residue = flat + 1e-6 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(0))
+    stats = (torch.full((3, 64), float(np.log(1e-10))), torch.zeros(3, 64))  # a "speaker" who is all padding
+    a = fe.normalize(flat, stats if normalization == "speaker" else None)
+    b = fe.normalize(residue, stats if normalization == "speaker" else None)
+    assert (b - a).abs().max() < 1e-3
+    if normalization == "segment":
+        assert a.abs().max() == 0 and b.abs().max() < 1e-3
+    # a real segment is unchanged by the floor: its channels vary far more than it
+    x = torch.randn(3, 64, 64) * torch.tensor([3.0, 0.3, 0.1])[:, None, None]
+    if normalization == "segment":
+        m, sd = x.mean(dim=(-2, -1), keepdim=True), x.std(dim=(-2, -1), keepdim=True, unbiased=False)
+        torch.testing.assert_close(fe.normalize(x), (x - m) / (sd + fe.config.norm_eps))
+
+
 @pytest.mark.cuda
 def test_cpu_equals_cuda(emodb_dir):
     fe = Frontend()

@@ -324,3 +324,64 @@ def test_a_killed_loso_run_resumes_to_the_same_results_and_distrusts_damaged_fil
 
     # resuming with another recipe is refused rather than mixed into one result
     assert offline_cli.main(["loso", *common[:-2], "--image-size", "72", "--out", str(out)]) == 2
+
+
+def test_a_folds_subset_trains_the_full_plans_fold_runs_and_merge_rebuilds_the_result(emodb_dir, tmp_path, capsys):
+    """`--folds 16` trains the very fold-run (seed, predictions) that a run over more folds trains for 16,
+    so one process per fold side by side, then `ser-offline merge`, gives the result of one run."""
+    import shutil
+
+    common = ["--corpus", "emodb", "--data", str(emodb_dir), "--preset", "quick", "--cache-dir", str(tmp_path / "c"),
+              "--max-per-speaker", "4", "--stage1-epochs", "1", "--stage2-epochs", "2", "--image-size", "64"]
+    whole, first, last = tmp_path / "whole", tmp_path / "p0308", tmp_path / "p16"
+    assert offline_cli.main(["loso", *common, "--folds", "03,08,16", "--out", str(whole)]) == 0
+    assert offline_cli.main(["loso", *common, "--folds", "16", "--out", str(last)]) == 0
+    assert offline_cli.main(["loso", *common, "--folds", "03,08", "--out", str(first)]) == 0
+    ref = json.loads((whole / "results.json").read_text())
+    assert [r["seed"] for r in ref["fold_runs"]] == [0, 1, 9]  # the fold's place among all 10 EMO-DB folds
+    solo = json.loads((last / "results.json").read_text())["fold_runs"][0]
+    assert (solo["seed"], solo["uar"], solo["predictions"]) == (9, ref["fold_runs"][2]["uar"],
+                                                               ref["fold_runs"][2]["predictions"])
+
+    merged_dir = tmp_path / "merged"
+    assert offline_cli.main(["merge", str(last), str(first), "--out", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "results.json").read_text())
+    key = lambda r: (r["fold"], r["run"], r["seed"], r["uar"], r["predictions"])  # noqa: E731
+    assert [key(r) for r in merged["fold_runs"]] == [key(r) for r in ref["fold_runs"]]  # in fold order
+    assert merged["summary"] == ref["summary"]
+    assert [f["name"] for f in merged["folds"]] == ["03", "08", "16"]
+    assert sorted(f for p in merged["parts"] for f in p["folds"]) == ["03", "08", "16"]
+    assert sorted(p.name for p in (merged_dir / "folds").iterdir()) == ["03_run0.json", "08_run0.json", "16_run0.json"]
+    report = (merged_dir / "report.md").read_text()
+    assert "Merged from 2 runs" in report and "--folds 16" in report and (merged_dir / "confusion.png").is_file()
+    # the same fold-run in two parts is kept once
+    assert offline_cli.main(["merge", str(whole), str(last), "--out", str(tmp_path / "m2")]) == 0
+    assert json.loads((tmp_path / "m2" / "results.json").read_text())["summary"] == ref["summary"]
+    capsys.readouterr()
+
+    # what must not be mixed is refused, with the reason
+    other = tmp_path / "other"
+    assert offline_cli.main(["loso", *common[:-2], "--image-size", "72", "--folds", "08", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert offline_cli.main(["merge", str(last), str(other), "--out", str(tmp_path / "m3")]) == 2
+    assert "another front-end" in capsys.readouterr().err
+    clash = tmp_path / "clash"
+    shutil.copytree(last, clash)
+    r = json.loads((clash / "results.json").read_text())
+    r["fold_runs"][0]["predictions"]["pred"] = [(p + 1) % 7 for p in r["fold_runs"][0]["predictions"]["pred"]]
+    (clash / "results.json").write_text(json.dumps(r))
+    assert offline_cli.main(["merge", str(last), str(clash), "--out", str(tmp_path / "m4")]) == 2
+    assert "with different results" in capsys.readouterr().err
+    assert offline_cli.main(["merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "m5")]) == 2
+    assert "results.json not found" in capsys.readouterr().err
+    assert not (tmp_path / "m4").exists() and not (tmp_path / "m5").exists()
+
+    # a record of the right fold-run but another seed (a `--folds` part made before seeds were tied to
+    # the fold's place) is kept aside, not trusted, and that fold-run is trained with the plan's seed
+    rec = json.loads((clash / "folds" / "16_run0.json").read_text())
+    rec["seed"] = 0
+    (clash / "folds" / "16_run0.json").write_text(json.dumps(rec))
+    assert offline_cli.main(["loso", *common, "--folds", "16", "--out", str(clash)]) == 0
+    assert (clash / "folds" / "16_run0.seed0").is_file()
+    assert "trained with seed 0, but this plan trains it with seed 9" in (clash / "run.log").read_text()
+    assert json.loads((clash / "folds" / "16_run0.json").read_text())["predictions"] == solo["predictions"]

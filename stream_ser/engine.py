@@ -21,6 +21,7 @@ import torch
 
 from .model import EmotionModel
 from .recognizer import Prediction, StreamingRecognizer, embed_and_project
+from .vad import score_queued
 
 
 class MultiStreamEngine:
@@ -66,12 +67,19 @@ class MultiStreamEngine:
         """Process everything queued; return the predictions, ordered by round then stream."""
         with self._lock:
             items = [(sid, rec, self._inbox[sid]) for sid, rec in self.streams.items()]
-        new: list[tuple[StreamingRecognizer, list]] = []
+        fed = []
         for _, rec, inbox in items:
-            segs = []
+            if inbox:
+                fed.append(rec)
             while inbox:
                 samples, arrival = inbox.popleft()
-                segs += rec.segmenter.push(samples, arrival)
+                rec.segmenter.ingest(samples, arrival)
+        # speech detection for every stream fed, in one batch per 32 ms chunk round (not one call per
+        # stream and chunk: that serial per-stream work is what bounded the streams one engine carries)
+        score_queued([rec.segmenter.vad for rec in fed if rec.segmenter.vad is not None])
+        new: list[tuple[StreamingRecognizer, list]] = []
+        for rec in fed:
+            segs = rec.segmenter.segments()
             if segs:
                 new.append((rec, segs))
         if not new:

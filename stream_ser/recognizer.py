@@ -27,7 +27,7 @@ import torch
 from .adaptation import RunningStats, Stats
 from .audio import check_samples
 from .model import EmotionModel
-from .vad import MIN_SPEECH_FRACTION, SpeechDetector
+from .vad import MIN_SPEECH_FRACTION, SpeechDetector, score_queued
 
 ACTIVITY_THRESHOLD_DBFS = -45.0  # with vad off: a frame with RMS above this counts as sound (speech activity)
 MIN_SPEECH_ACTIVITY = 0.1  # with vad off: fewer such frames in a window than this, no emotion
@@ -156,17 +156,27 @@ class SegmentStream:
         return {"on": not a.frozen, "speech_s": round(a.speech_s, 2), "enrolled": self._enrolled is not None}
 
     def push(self, samples: np.ndarray, arrival: float | None = None) -> list[Segment]:
+        """Samples in, the segments they complete out (``ingest``, speech detection, ``segments``)."""
+        self.ingest(samples, arrival)
+        if self.vad is not None:
+            score_queued([self.vad])
+        return self.segments()
+
+    def ingest(self, samples: np.ndarray, arrival: float | None = None) -> None:
+        """Take samples: log-Mel frames now; their speech-detection chunks wait in ``self.vad`` until
+        :func:`~stream_ser.vad.score_queued` scores them (many streams' together, in the engine), which
+        must happen before :meth:`segments`."""
         cfg = self.cfg
         x = check_samples(samples, "stream")
         arrival = time.perf_counter() if arrival is None else arrival
         if x.size == 0:
-            return []
+            return
         t0 = time.perf_counter()
         self.n_samples += x.size
         self._arrivals.append((self.n_samples, arrival))
         self._buf = np.concatenate([self._buf, x]) if self._buf.size else x.copy()
         if self.vad is not None:
-            self.vad.push(x)
+            self.vad.queue(x)
         k = cfg.frames_for(self._buf.size)  # new frames the buffer completes
         if k > 0:
             span = self._buf[: (k - 1) * cfg.hop_length + cfg.win_length]
@@ -177,6 +187,10 @@ class SegmentStream:
             self.n_frames += k
             self._buf = self._buf[k * cfg.hop_length:]  # no future frame needs these
         self._frontend_s += time.perf_counter() - t0
+
+    def segments(self) -> list[Segment]:
+        """The segments the frames ingested so far complete (each once)."""
+        cfg = self.cfg
         out = []
         while self.n_frames >= cfg.segment_frames + self.next_segment * cfg.segment_shift:
             out.append(self._make_segment())

@@ -63,3 +63,28 @@ def test_windows_without_speech_get_no_emotion(speech):
     # with the energy threshold instead (--no-vad), noise counts as speech: what silero-vad fixes
     noisy = [p for p in StreamingRecognizer(model, vad=False).push(audio) if p.window_start_s >= 7.5]
     assert noisy and all(p.speech for p in noisy)
+
+
+def test_many_streams_scored_together_equal_each_alone(speech):
+    """The engine scores all its streams' chunks in one batch per chunk round, each with its own recurrent
+    state: the same probabilities as each stream scored alone, whatever the streams' lengths."""
+    from stream_ser.vad import score_queued
+
+    xs = [speech, _noise(2.5), np.zeros(SR, np.float32), speech[SR // 3:], speech[:7000]]
+    alone = [SpeechDetector().push(x) for x in xs]
+    dets = [SpeechDetector() for _ in xs]
+    assert all(d.model is dets[0].model for d in dets)  # one model copy per process, not one per stream
+    got: list[list[np.ndarray]] = [[] for _ in xs]
+    rng = np.random.default_rng(1)
+    start = 0
+    while start < max(len(x) for x in xs):
+        hop = int(rng.integers(300, 9000))
+        for d, x in zip(dets, xs):
+            d.queue(x[start:start + hop])
+        for g, p in zip(got, score_queued(dets)):
+            g.append(p)
+        start += hop
+    for g, a, d in zip(got, alone, dets):
+        np.testing.assert_allclose(np.concatenate(g), a, atol=1e-5)
+        assert d.n_chunks == len(a)
+    assert all(len(p) == 0 for p in score_queued(dets))  # nothing queued: nothing scored, no state change

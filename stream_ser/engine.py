@@ -112,8 +112,14 @@ class MultiStreamEngine:
             for i in range(0, len(ready), self.max_batch):
                 batch = ready[i:i + self.max_batch]
                 t0 = time.perf_counter()
+                partial = [rec for rec in batch if not rec.window_is_full]
+                pads = {}
+                if partial:  # the padding segments of all partial windows in one embedder call
+                    proj = embed_and_project(self.model, [rec.padding_segment() for rec in partial])
+                    pads = {id(rec): p for rec, p in zip(partial, proj)}
                 with torch.no_grad():
-                    logits, alpha = self.model.head.infer(torch.stack([rec.window_projections() for rec in batch]))
+                    logits, alpha = self.model.head.infer(
+                        torch.stack([rec.window_projections(pads.get(id(rec))) for rec in batch]))
                     probs = torch.softmax(logits.float(), -1).cpu().numpy()
                 alpha = alpha.cpu().numpy()
                 head_ms = 1e3 * (time.perf_counter() - t0)

@@ -303,24 +303,30 @@ class StreamingRecognizer:
         self._cache.append((proj, seg))
         return len(self._cache) == self.window or self.partial
 
-    def window_projections(self) -> torch.Tensor:
+    def window_projections(self, padding: torch.Tensor | None = None) -> torch.Tensor:
         """The current window's projections [8, dirs, 4H], oldest first; a window not yet full is completed
-        with the projection of a padding segment (what a zero-padded utterance gives in training)."""
+        with the projection of a padding segment (what a zero-padded utterance gives in training).
+        ``padding``: that projection when the caller has embedded it already (the engine, in one batch)."""
         proj = [p for p, _ in self._cache]
         if len(proj) < self.window:
-            proj += [self._padding_projection()] * (self.window - len(proj))
+            pad = padding if padding is not None else embed_and_project(self.model, [self.padding_segment()])[0]
+            proj += [pad] * (self.window - len(proj))
         return torch.stack(proj)
 
-    def _padding_projection(self) -> torch.Tensor:
+    @property
+    def window_is_full(self) -> bool:
+        return len(self._cache) == self.window
+
+    def padding_segment(self) -> torch.Tensor:
         """The segment of digital silence (log-Mel at the floor, zero deltas), normalised with the
-        statistics of the moment and embedded: one extra embedding per partial window."""
+        statistics of the moment [C, M, L]: embedded once per partial window."""
         cfg, fe = self.cfg, self.model.frontend
         floor = torch.full((1, cfg.n_mels, cfg.segment_frames), float(np.log(cfg.log_floor)), device=self.model.device)
         with torch.no_grad():
             raw = fe.raw_segments_from_log_mel(floor)[0, 0]
             ad = self.segmenter.adaptation
             stats = (ad.current().mean, ad.current().std) if ad is not None else None
-            return embed_and_project(self.model, [fe.normalize(raw, stats)])[0]
+            return fe.normalize(raw, stats)
 
     def flush_samples(self) -> int:
         """How many zeros complete the segments that hold the last samples heard, so that the end of a

@@ -333,8 +333,14 @@ CPU_NOTES = [
     "4.1 at 227 px and 2.8 at 112 px here, and the measured 4.0 and 2.4 sit at that bound. The cache still saves "
     "75 % (227 px) and 55 % (112 px) of the compute per hop. int8 weight-only and bf16 matmuls were tried for "
     "FC6 at batch 1 on this CPU: `_weight_int8pack_mm` was 5x slower than fp32, bf16 no faster.",
-    "- Capacity at 227 px: conv work grows linearly with the streams (about 7 ms a segment in a batch), so 2 cores "
-    "carry 24 streams; 30 need the 112 px model (64 streams) or a GPU.",
+    "- Capacity: until 2026-11-26 every stream ran its own silero-vad copy, one call per 32 ms chunk (10 per "
+    "hop per stream); the engine now scores all its streams' chunks in one batched call per chunk round "
+    "(`stream_ser.vad.score_queued`), which took int8 capacity from 32 to 48 streams at 227 px and from 64 to "
+    "160 at 112 px (one ladder each, before/after on the same idle machine). At 227 px the conv work, which grows "
+    "linearly with the streams (about 7 ms a segment in a batch), bounds it now.",
+    "- Per-hop latency counts the first 7 hops of each stream (partial windows), which also embed a padding "
+    "segment; it rides in the same embedder batch as the new segment since 2026-11-26. At 227 px int8, full "
+    "windows alone: p99 10.5 ms; partial ones: p99 15.9 ms (22.2 ms before that change).",
     "- The GPU figures (targets: one stream p99 < 5 ms, >= 2000 streams) are in the nvidia-h200 section: one "
     "`python -m bench.run --device cuda` run in the one session that was lent a GPU.",
     "- The front-end: batching whole files (`Frontend.segments_many`: every file's frames in one FFT and one "

@@ -123,7 +123,7 @@ def websocket_e2e(model, path: Path) -> dict:
 
 # 3 -------------------------------------------------------------------------------
 def cache_ratio(model, audio: np.ndarray, hops: int) -> dict:
-    segs = model.frontend.segments(torch.from_numpy(audio).to(model.frontend.window.device))[0]  # [S, C, M, L]
+    segs = model.frontend.segments(torch.from_numpy(audio).to(model.device))[0]  # [S, C, M, L]
     S = segs.shape[0]
     w = model.frontend_config.segments_per_utterance
     with torch.no_grad():

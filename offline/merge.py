@@ -56,15 +56,14 @@ def merge_runs(parts: list[Path], out: Path, command: str = "") -> dict:
         raise MergeError("no parts given")
     results = [_load(p) for p in parts]
     base, base_path = results[0], parts[0]
-    strip = lambda cfg: {k: v for k, v in cfg.items() if k != "runs"}  # noqa: E731 - runs may differ by part
     prints = set().union(*(_fingerprints(r) for r in results)) - {None}
     for p, r in zip(parts[1:], results[1:]):
         for key, what in (("corpus", "corpus"), ("labels", "label set"), ("frontend", "front-end")):
             if r.get(key) != base.get(key):
                 raise MergeError(f"{p} is another {what} than {base_path}: {r.get(key)!r} vs {base.get(key)!r}")
-        if strip(r["config"]) != strip(base["config"]):
-            diff = sorted(k for k in set(r["config"]) | set(base["config"])
-                          if k != "runs" and r["config"].get(k) != base["config"].get(k))
+        diff = sorted(k for k in set(r["config"]) | set(base["config"])  # runs may differ by part
+                      if k != "runs" and r["config"].get(k) != base["config"].get(k))
+        if diff:
             raise MergeError(f"{p} was trained with another recipe than {base_path} (differs in {', '.join(diff)})")
         if r.get("pretrain") != base.get("pretrain"):
             raise MergeError(f"{p} started from another CNN pre-training than {base_path}")
@@ -86,7 +85,8 @@ def merge_runs(parts: list[Path], out: Path, command: str = "") -> dict:
     for r in results:
         for f in r["folds"]:
             folds.setdefault(f["name"], f)
-    order = {name: i for i, name in enumerate(sorted(folds))}
+    names = sorted(folds)
+    order = {name: i for i, name in enumerate(names)}
     fold_runs = [rec for rec, _ in sorted(runs.values(), key=lambda x: (order[x[0]["fold"]], x[0]["run"]))]
     failed = sorted({(f["fold"], f["run"]): f for r in results for f in (r.get("failed") or [])
                      if (f["fold"], f["run"]) not in runs}.values(), key=lambda f: (f["fold"], f["run"]))
@@ -96,7 +96,7 @@ def merge_runs(parts: list[Path], out: Path, command: str = "") -> dict:
     merged |= {
         "command": command,
         "config": dict(base["config"], runs=runs_per_fold),
-        "folds": [folds[n] for n in sorted(folds)],
+        "folds": [folds[n] for n in names],
         "fold_runs": fold_runs,
         "failed": failed,
         "bad_files": bad, "n_bad_files": len({k for k in bad if "/" in k}),

@@ -29,6 +29,16 @@ EPILOG = r"""examples:
 """
 
 
+def _run_indices(text: str) -> list[int]:
+    try:
+        runs = sorted({int(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of run indices (e.g. 0,2)")
+    if not runs or runs[0] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: run indices are 0, 1, ... (< --runs)")
+    return runs
+
+
 def _speeds(text: str) -> tuple[float, ...]:
     if text in ("1", "3", "5"):
         return SPEED_SETS[int(text)]
@@ -138,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(lo)
     lo.add_argument("--out", required=True, help="run folder for results.json, report.md, confusion.png, run.log")
     lo.add_argument("--folds", help="comma-separated subset of folds (test speakers or sessions)")
+    lo.add_argument("--only-runs", type=_run_indices, default=None, metavar="R[,R]",
+                    help="train only these run indices (0-based, < --runs), with the seeds the full plan gives "
+                         "them: e.g. one process per fold and run side by side on a GPU, then `merge`")
     _add_pretrain_flags(lo)
     r = lo.add_argument_group("distributed fold-runs (Ray; pip install 'stream_ser[cluster]')",
                               "Without these flags fold-runs run one after another in this process and Ray is not "
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results = run_protocol(corpus, cfg, out, device, Path(args.cache_dir), command,
                                        args.folds.split(",") if args.folds else None, log, progress,
-                                       executor=executor)
+                                       executor=executor, only_runs=args.only_runs)
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2

@@ -144,8 +144,10 @@ class FoldRun:
         return f"{self.fold.name}_run{self.run}"
 
 
-def plan_fold_runs(folds: list[Fold], cfg: TrainConfig, only: Sequence[str] | None = None) -> list[FoldRun]:
-    """Every fold x run of ``folds`` (all the corpus's folds; ``only``: the names of a subset) with its seed.
+def plan_fold_runs(folds: list[Fold], cfg: TrainConfig, only: Sequence[str] | None = None,
+                   only_runs: Sequence[int] | None = None) -> list[FoldRun]:
+    """Every fold x run of ``folds`` (all the corpus's folds; ``only``: the names of a subset; ``only_runs``:
+    a subset of the run indices 0 .. runs-1) with its seed.
 
     The seed is seed + 1000 * run + the fold's position among *all* the corpus's folds, so a fold-run
     gets the same seed wherever it runs and whichever subset of folds (``--folds``) was asked for:
@@ -154,6 +156,8 @@ def plan_fold_runs(folds: list[Fold], cfg: TrainConfig, only: Sequence[str] | No
     for fi, fold in enumerate(folds):
         if only is None or fold.name in only:
             for run in range(cfg.runs):
+                if only_runs is not None and run not in only_runs:
+                    continue
                 jobs.append(FoldRun(fold, run, cfg.seed + 1000 * run + fi, len(jobs)))
     return jobs
 
@@ -203,7 +207,7 @@ def _error_line(e: BaseException) -> str:
 
 def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.device, cache_dir: Path | None,
                  command: str = "", only_folds: list[str] | None = None, log=print, progress=None,
-                 executor=None) -> dict:
+                 executor=None, only_runs: list[int] | None = None) -> dict:
     """Train and test every fold x run; write ``results.json`` (and one file per fold-run as it finishes).
 
     Resumable: a fold-run whose file exists is not recomputed. ``executor`` (an
@@ -218,10 +222,14 @@ def run_protocol(corpus: Corpus, cfg: TrainConfig, out_dir: Path, device: torch.
         unknown = set(only_folds) - {f.name for f in folds}
         if unknown:
             raise SystemExit(f"error: unknown folds {sorted(unknown)}; this corpus has {[f.name for f in folds]}")
+    if only_runs:
+        bad = sorted(set(only_runs) - set(range(cfg.runs)))
+        if bad:
+            raise SystemExit(f"error: --only-runs {bad} outside the recipe's runs 0..{cfg.runs - 1} (raise --runs)")
     fingerprint = config_fingerprint(cfg)
     bank = FeatureBank(corpus, cfg.frontend_config(), cache_dir, device, log, progress)
     t_start = time.time()
-    jobs = plan_fold_runs(folds, cfg, only_folds)
+    jobs = plan_fold_runs(folds, cfg, only_folds, only_runs)
     if only_folds:
         folds = [f for f in folds if f.name in only_folds]
     done: dict[int, dict] = {}

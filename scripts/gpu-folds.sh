@@ -1,6 +1,7 @@
 #!/bin/bash
 # Run 10-fold EMO-DB LOSO recipes on one GPU as one `ser-offline loso --folds F` process per fold and
-# recipe, all side by side, then merge each recipe's folds into one results.json (`ser-offline merge`).
+# recipe (one per fold-run, `--only-runs R`, where a recipe has `--runs N`), all side by side, then merge
+# each recipe's parts into one results.json (`ser-offline merge`).
 #
 #   scripts/gpu-folds.sh OUT_DIR DEADLINE_S NAME='FLAGS' [NAME='FLAGS' ...]
 #   scripts/gpu-folds.sh runs/gpu 480 \
@@ -8,18 +9,24 @@
 #       paper='--preset paper --weights none --runs 3'
 #
 # Why processes and not `--workers` (Ray): where Ray is not installed (a GPU machine reached without a
-# network, say). Each process is one fold's runs, the unit of work of a Ray task; the seeds are the full
-# plan's (`--folds F` trains exactly the fold-runs a single run trains), so the merged result equals one
+# network, say). Each process is one fold-run, the unit of work of a Ray task; the seeds are the full
+# plan's (`--folds F --only-runs R` trains exactly the fold-run a single run trains), so the merged result equals one
 # run's. Processes still running at DEADLINE_S seconds are stopped; what finished is kept, and a rerun of
 # the same command resumes (finished fold-runs are not recomputed). Every 20 s the finished fold-run
 # records are packed into OUT_DIR/records.tgz, so a caller killed at its own time limit loses no record.
 # Environment: DATA (EMO-DB folder, default ../shared/data/emodb), CACHE (log-Mel cache, default
-# .cache/features), SER (the ser-offline command, default `python3 -m offline.cli`).
+# .cache/features), SER (the ser-offline command, default `python3 -m offline.cli`), FOLDS (default: all 10),
+# JOBS (fold-runs at a time, default: the CPU cores), MIN_LEFT (no fold-run starts with less time to the
+# deadline, default 120 s).
+# Measured on an H200 (16 cores): 30 fold-runs of the 227 px cpu recipe at once all took 390-450 s and ended
+# together, so a deadline 15 s short lost 27 of them; at most JOBS at a time makes them finish in waves.
 set -u
-[ $# -ge 3 ] || { sed -n 2,17p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,22p "$0"; exit 2; }
 OUT=$1; DEADLINE=$2; shift 2
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # many processes share the cores: a thread pool each would spin
 DATA=${DATA:-../shared/data/emodb}; CACHE=${CACHE:-.cache/features}; SER=${SER:-python3 -m offline.cli}
-FOLDS="03 08 09 10 11 12 13 14 15 16"
+FOLDS=${FOLDS:-03 08 09 10 11 12 13 14 15 16}
+JOBS=${JOBS:-$(nproc)}; MIN_LEFT=${MIN_LEFT:-120}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 mkdir -p "$OUT"
 case "$*" in *--pretrain*) echo "error: --pretrain recipes would pre-train once per fold process here;" \
@@ -43,28 +50,35 @@ for speed in cfg.speeds:
 PY
 done
 echo "t=$(el) s: log-Mel cache ready"
-pids=()
-for spec in "$@"; do
-  name=${spec%%=*}; flags=${spec#*=}
-  for f in $FOLDS; do
-    mkdir -p "$OUT/$name/parts/$f"
-    left=$(( DEADLINE - $(el) ))
-    timeout "$left" $SER loso --corpus emodb --data "$DATA" $flags --cache-dir "$CACHE" --folds "$f" \
-        --out "$OUT/$name/parts/$f" > "$OUT/$name/parts/$f/stdout.txt" 2>&1 &
-    pids+=($!)
-  done
-done
-start=$(el)
 pack() { (cd "$OUT" && tar czf records.tgz.tmp --exclude='*.png' */parts/*/folds */parts/*/run.log \
     */parts/*/results.json 2>/dev/null; mv -f records.tgz.tmp records.tgz); }
-while [ -n "$(jobs -pr)" ]; do sleep 20; pack; done
-wait "${pids[@]}"
+(while sleep 20; do pack; done) & PACKER=$!
+start=$(el); skipped=0
+for spec in "$@"; do
+  name=${spec%%=*}; flags=${spec#*=}
+  runs=$(echo " $flags " | sed -n 's/.* --runs \([0-9]*\) .*/\1/p'); runs=${runs:-1}
+  case " $flags " in *" --only-runs "*) runs=1;; esac  # the caller chose the runs: one process per fold
+  for f in $FOLDS; do
+    for r in $(seq 0 $(( runs - 1 ))); do  # one process per fold-run: --only-runs keeps the full plan's seeds
+      part=$f; sel=""; [ "$runs" -gt 1 ] && { part=$f-run$r; sel="--only-runs $r"; }
+      while [ "$(jobs -pr | wc -l)" -gt "$JOBS" ]; do wait -n; done  # JOBS fold-runs (+ the packer) at a time
+      left=$(( DEADLINE - $(el) ))
+      [ "$left" -ge "$MIN_LEFT" ] || { skipped=$((skipped + 1)); continue; }
+      mkdir -p "$OUT/$name/parts/$part"
+      timeout "$left" $SER loso --corpus emodb --data "$DATA" $flags $sel --cache-dir "$CACHE" --folds "$f" \
+          --out "$OUT/$name/parts/$part" > "$OUT/$name/parts/$part/stdout.txt" 2>&1 &
+    done
+  done
+done
+while [ "$(jobs -pr | wc -l)" -gt 1 ]; do wait -n; done
+kill $PACKER 2>/dev/null
+[ "$skipped" = 0 ] || echo "$skipped fold-runs not started: under MIN_LEFT=$MIN_LEFT s to the deadline"
 echo "t=$(el) s: all fold processes ended after $(( $(el) - start )) s side by side" | tee "$OUT/wall.txt"
 for spec in "$@"; do
   name=${spec%%=*}
   parts=$(ls -d "$OUT/$name"/parts/*/ 2>/dev/null | while read -r p; do [ -f "$p/results.json" ] && echo "$p"; done)
-  n=$(echo "$parts" | grep -c .)
-  echo "$name: $n of 10 folds finished"
-  [ "$n" = 10 ] && $SER merge $parts --out "$OUT/$name"
+  n=$(echo "$parts" | grep -c .); want=$(ls -d "$OUT/$name"/parts/*/ 2>/dev/null | wc -l)
+  echo "$name: $n of $want fold processes finished"
+  [ "$n" -gt 0 ] && [ "$n" = "$want" ] && $SER merge $parts --out "$OUT/$name"
 done
 pack

@@ -385,3 +385,29 @@ def test_a_folds_subset_trains_the_full_plans_fold_runs_and_merge_rebuilds_the_r
     assert (clash / "folds" / "16_run0.seed0").is_file()
     assert "trained with seed 0, but this plan trains it with seed 9" in (clash / "run.log").read_text()
     assert json.loads((clash / "folds" / "16_run0.json").read_text())["predictions"] == solo["predictions"]
+
+
+def test_only_runs_trains_the_full_plans_run_and_parts_per_run_merge_to_the_whole(emodb_dir, tmp_path, capsys):
+    """`--only-runs 1` trains run 1 with the seed the full plan gives it (seed + 1000), so one process per
+    fold-run side by side, merged, equals one `--runs 2` run; indices outside --runs are refused."""
+    common = ["--corpus", "emodb", "--data", str(emodb_dir), "--preset", "quick", "--cache-dir", str(tmp_path / "c"),
+              "--max-per-speaker", "3", "--stage1-epochs", "1", "--stage2-epochs", "1", "--image-size", "64",
+              "--folds", "08", "--runs", "2"]
+    whole, r0, r1 = tmp_path / "whole", tmp_path / "r0", tmp_path / "r1"
+    assert offline_cli.main(["loso", *common, "--out", str(whole)]) == 0
+    assert offline_cli.main(["loso", *common, "--only-runs", "1", "--out", str(r1)]) == 0
+    assert offline_cli.main(["loso", *common, "--only-runs", "0", "--out", str(r0)]) == 0
+    ref = json.loads((whole / "results.json").read_text())["fold_runs"]
+    part = json.loads((r1 / "results.json").read_text())["fold_runs"]
+    assert [(r["run"], r["seed"]) for r in part] == [(1, 1001)]
+    assert (part[0]["uar"], part[0]["predictions"]) == (ref[1]["uar"], ref[1]["predictions"])
+    assert offline_cli.main(["merge", str(r1), str(r0), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [(r["run"], r["seed"], r["predictions"]) for r in merged["fold_runs"]] == \
+        [(r["run"], r["seed"], r["predictions"]) for r in ref]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="outside the recipe's runs"):
+        offline_cli.main(["loso", *common, "--only-runs", "2", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit):
+        offline_cli.main(["loso", *common, "--only-runs", "x", "--out", str(tmp_path / "bad")])
+    assert "not a comma-separated list of run indices" in capsys.readouterr().err

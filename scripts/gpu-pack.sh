@@ -5,7 +5,7 @@
 #
 #   scripts/gpu-pack.sh [emodb] [ravdess]      # default: emodb
 #
-# Then carry .gpu to the machine and run `bash scripts/gpu-setup.sh` there first. Sizes: wheels 14 MB,
+# Then carry .gpu to the machine and source `scripts/gpu-setup.sh` there first. Sizes: wheels 14 MB,
 # EMO-DB 31 MB, RAVDESS 54 MB (already FLAC) -- EMO-DB and RAVDESS together exceed a 64 MiB transfer,
 # so send them in two calls to one warm machine (gpu-setup.sh keeps what an earlier call unpacked).
 set -eu

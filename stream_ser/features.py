@@ -43,6 +43,16 @@ def _scale(std: torch.Tensor, eps: float) -> torch.Tensor:
     return (std + eps).clamp_min(MIN_NORM_STD)
 
 
+def _deltas(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Regression deltas along the last axis with replicated edges: sum_k k (x[t+k] - x[t-k]) / (2 sum_k k^2),
+    k = 1..n (torchaudio's ``compute_deltas`` with ``mode="replicate"``, to float rounding; as slices
+    instead of a 1-channel conv1d over every row, which costs half as much again here). x: [..., L]."""
+    lead, L = x.shape[:-1], x.shape[-1]
+    p = F.pad(x.reshape(-1, 1, L), (n, n), mode="replicate").reshape(*lead, L + 2 * n)
+    out = sum(k * (p[..., n + k: n + k + L] - p[..., n - k: n - k + L]) for k in range(1, n + 1))
+    return out / (2 * sum(k * k for k in range(1, n + 1)))
+
+
 class Frontend(nn.Module):
     """Log-Mel / delta / delta-delta segments and their CNN images.
 
@@ -118,11 +128,10 @@ class Frontend(nn.Module):
         """[..., M, L] static segments -> [..., C, M, L] with delta and delta-delta inside each segment."""
         cfg = self.config
         chans = [static]
-        win = 2 * cfg.delta_n + 1
         if cfg.channels >= 2:
-            chans.append(AF.compute_deltas(static, win_length=win, mode="replicate"))
+            chans.append(_deltas(static, cfg.delta_n))
         if cfg.channels >= 3:
-            chans.append(AF.compute_deltas(chans[1], win_length=win, mode="replicate"))
+            chans.append(_deltas(chans[1], cfg.delta_n))
         return torch.stack(chans, dim=-3)
 
     # --- segments ----------------------------------------------------------------
@@ -157,9 +166,11 @@ class Frontend(nn.Module):
         """
         cfg = self.config
         if cfg.normalization == "segment":
-            mean = seg.mean(dim=(-2, -1), keepdim=True)
-            std = seg.std(dim=(-2, -1), keepdim=True, unbiased=False)
-            return (seg - mean) / _scale(std, cfg.norm_eps)
+            # two passes (mean, then the centred values' mean square): as exact as Tensor.std, whose
+            # multi-dimension reduction is 15x slower on the CPU and was a third of the front-end's time
+            centred = seg - seg.mean(dim=(-2, -1), keepdim=True)
+            std = centred.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+            return centred / _scale(std, cfg.norm_eps)
         if cfg.normalization == "speaker" and stats is not None:
             mean, std = (t.to(seg) for t in stats)
             if mean.dim() == 3:  # one per batch item: [B, C, M] -> [B, 1.., C, M, 1]

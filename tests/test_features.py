@@ -83,6 +83,20 @@ def test_segments_are_static_delta_deltadelta_within_each_segment(emodb_dir):
         np.testing.assert_allclose(seg[s, 2], _delta_eq2(d), atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_deltas_equal_torchaudios_replicate_deltas(n):
+    """The slice-based deltas are torchaudio's ``compute_deltas(mode="replicate")``, also on segments
+    shorter than the regression window."""
+    import torchaudio.functional as AF
+
+    from stream_ser.features import _deltas
+    torch.manual_seed(n)
+    for shape in [(4, 3, 64, 64), (5, 2), (7, 1)]:
+        x = torch.randn(*shape) * 5
+        torch.testing.assert_close(_deltas(x, n), AF.compute_deltas(x, win_length=2 * n + 1, mode="replicate"),
+                                   atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("seconds,expected", [(1.2, 8), (3.0, 8), (9.0, 8)])
 def test_utterance_gives_eight_segments(seconds, expected):
     fe = Frontend()

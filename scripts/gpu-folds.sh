@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run 10-fold EMO-DB LOSO recipes on one GPU as one `ser-offline loso --folds F` process per fold and
+# Run LOSO recipes (EMO-DB's 10 folds by default) on one GPU as one `ser-offline loso --folds F` process per fold and
 # recipe (one per fold-run, `--only-runs R`, where a recipe has `--runs N`), all side by side, then merge
 # each recipe's parts into one results.json (`ser-offline merge`).
 #
@@ -14,8 +14,9 @@
 # run's. Processes still running at DEADLINE_S seconds are stopped; what finished is kept, and a rerun of
 # the same command resumes (finished fold-runs are not recomputed). Every 20 s the finished fold-run
 # records are packed into OUT_DIR/records.tgz, so a caller killed at its own time limit loses no record.
-# Environment: DATA (EMO-DB folder, default ../shared/data/emodb), CACHE (log-Mel cache, default
-# .cache/features), SER (the ser-offline command, default `python3 -m offline.cli`), FOLDS (default: all 10),
+# Environment: CORPUS (default emodb; e.g. emodb+ravdess), DATA (its folder(s), default
+# ../shared/data/emodb; comma-separated for several), CACHE (log-Mel cache, default .cache/features),
+# SER (the ser-offline command, default `python3 -m offline.cli`), FOLDS (default: all the corpus's folds),
 # JOBS (fold-runs at a time, default: the CPU cores), MIN_LEFT (no fold-run starts with less time to the
 # deadline, default 120 s).
 # Measured on an H200 (16 cores): 30 fold-runs of the 227 px cpu recipe at once all took 390-450 s and ended
@@ -24,8 +25,12 @@ set -u
 [ $# -ge 3 ] || { sed -n 2,22p "$0"; exit 2; }
 OUT=$1; DEADLINE=$2; shift 2
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # many processes share the cores: a thread pool each would spin
-DATA=${DATA:-../shared/data/emodb}; CACHE=${CACHE:-.cache/features}; SER=${SER:-python3 -m offline.cli}
-FOLDS=${FOLDS:-03 08 09 10 11 12 13 14 15 16}
+CORPUS=${CORPUS:-emodb}; DATA=${DATA:-../shared/data/emodb}; CACHE=${CACHE:-.cache/features}
+SER=${SER:-python3 -m offline.cli}
+FOLDS=${FOLDS:-$(${PY:-python3} -c "import sys; from offline.corpora import load_corpus; from offline.evaluate import \
+make_folds; print(' '.join(f.name for f in make_folds(load_corpus(sys.argv[1], sys.argv[2]))))" "$CORPUS" "$DATA")} \
+    || { echo "error: cannot list the folds of $CORPUS in $DATA" >&2; exit 1; }
+[ -n "$FOLDS" ] || { echo "error: no folds" >&2; exit 1; }
 JOBS=${JOBS:-$(nproc)}; MIN_LEFT=${MIN_LEFT:-120}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 mkdir -p "$OUT"
@@ -33,16 +38,16 @@ case "$*" in *--pretrain*) echo "error: --pretrain recipes would pre-train once 
     "pre-train once and pass the file with --weights PATH" >&2; exit 2;; esac
 # fill the log-Mel cache once per recipe, before the processes read it (else all of them compute it)
 for spec in "$@"; do
-  ${PY:-python3} - "$DATA" "$CACHE" ${spec#*=} <<'PY' || exit 1
+  ${PY:-python3} - "$CORPUS" "$DATA" "$CACHE" ${spec#*=} <<'PY' || exit 1
 import sys
 import torch
 from offline.cli import OVERRIDE_KEYS, build_parser
 from offline.corpora import load_corpus
 from offline.train import FeatureBank, config_from_args
-data, cache, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-args = build_parser().parse_args(["loso", "--corpus", "emodb", "--data", data, *flags, "--out", "unused"])
+name, data, cache, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+args = build_parser().parse_args(["loso", "--corpus", name, "--data", data, *flags, "--out", "unused"])
 cfg = config_from_args(args.preset, {k: getattr(args, k, None) for k in OVERRIDE_KEYS})
-corpus = load_corpus("emodb", data)
+corpus = load_corpus(name, data)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 bank = FeatureBank(corpus, cfg.frontend_config(), cache, dev, log=lambda m: print(m, file=sys.stderr))
 for speed in cfg.speeds:
@@ -65,7 +70,7 @@ for spec in "$@"; do
       left=$(( DEADLINE - $(el) ))
       [ "$left" -ge "$MIN_LEFT" ] || { skipped=$((skipped + 1)); continue; }
       mkdir -p "$OUT/$name/parts/$part"
-      timeout "$left" $SER loso --corpus emodb --data "$DATA" $flags $sel --cache-dir "$CACHE" --folds "$f" \
+      timeout "$left" $SER loso --corpus "$CORPUS" --data "$DATA" $flags $sel --cache-dir "$CACHE" --folds "$f" \
           --out "$OUT/$name/parts/$part" > "$OUT/$name/parts/$part/stdout.txt" 2>&1 &
     done
   done

@@ -25,7 +25,13 @@ Where the statistics come from:
 A frame counts as speech when its total log-Mel power (log-sum-exp over the Mel
 bins of the static channel) is above :data:`SPEECH_GATE_LOG_POWER`: about
 -55 dBFS frame RMS, which leaves out digital silence, the zero padding of short
-utterances and quiet pauses. Statistics are over frames of the segments, so the
+utterances and quiet pauses. Live (and for enrolment and whole files), where a
+stream has its speech detector (silero-vad, the default), a frame must also lie
+in a 32 ms chunk the detector called speech: a room's fan, keyboard or music is
+often louder than -55 dBFS and would otherwise be learnt as the speaker's voice.
+Offline training and evaluation use the level gate alone (the corpora are studio
+recordings, where the two agree on nearly every frame), so the committed results
+keep their definition. Statistics are over frames of the segments, so the
 overlap of consecutive segments counts most frames twice, identically offline and live.
 """
 
@@ -47,11 +53,17 @@ def speech_frames(raw: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(raw[..., 0, :, :], dim=-2) > SPEECH_GATE_LOG_POWER
 
 
-def _moments(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Speech-frame count, sum and sum of squares per channel and Mel bin ([], [C, M], [C, M]; float64)."""
+def _moments(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speech-frame count, sum and sum of squares per channel and Mel bin ([], [C, M], [C, M]; float64).
+
+    ``mask`` ([..., L] bool, as ``raw`` without C and M): frames a speech detector kept; a frame counts
+    when it passes the level gate *and* the mask."""
     C, M, L = raw.shape[-3:]
     x = raw.reshape(-1, C, M, L).double()
-    w = speech_frames(x).double()[:, None, None, :]  # [N, 1, 1, L]
+    keep = speech_frames(x)
+    if mask is not None:
+        keep = keep & mask.reshape(-1, L).to(keep.device)
+    w = keep.double()[:, None, None, :]  # [N, 1, 1, L]
     n = w.sum()
     return n, (x * w).sum(dim=(0, 3)), (x.square() * w).sum(dim=(0, 3))
 
@@ -70,12 +82,13 @@ class Stats:
         return self.frames * 0.01 / 2.0
 
 
-def speaker_stats(raw: torch.Tensor, prior: Stats | None = None) -> Stats:
-    """Statistics of one speaker from all their un-normalised segments [..., C, M, L] (speech frames only).
+def speaker_stats(raw: torch.Tensor, prior: Stats | None = None, mask: torch.Tensor | None = None) -> Stats:
+    """Statistics of one speaker from all their un-normalised segments [..., C, M, L] (speech frames only;
+    ``mask`` [..., L]: also only the frames a speech detector kept).
 
     With fewer than :data:`MIN_FRAMES` speech frames, ``prior`` is returned (or zeros/ones).
     """
-    n, s, ss = _moments(raw)
+    n, s, ss = _moments(raw, mask)
     if float(n) < MIN_FRAMES:
         if prior is not None:
             return prior
@@ -135,11 +148,12 @@ class RunningStats:
     def speech_s(self) -> float:
         return float(self._n) * 0.01 / 2.0
 
-    def update(self, raw: torch.Tensor) -> None:
-        """Add the speech frames of un-normalised segments [..., C, M, L] (no-op when frozen)."""
+    def update(self, raw: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add the speech frames of un-normalised segments [..., C, M, L] (no-op when frozen); ``mask``
+        [..., L]: the frames the stream's speech detector kept (see :func:`_moments`)."""
         if self.frozen:
             return
-        n, s, ss = _moments(raw.detach().cpu())
+        n, s, ss = _moments(raw.detach().cpu(), None if mask is None else mask.cpu())
         if float(n) == 0:
             return
         self._n += n
@@ -147,10 +161,10 @@ class RunningStats:
         self._ss += ss
         self._cache = None
 
-    def enroll(self, raw: torch.Tensor) -> None:
+    def enroll(self, raw: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Replace everything seen so far with an enrolment recording's segments [..., C, M, L]."""
         self.reset()
-        self.update(raw)
+        self.update(raw, mask)
 
     def current(self) -> Stats:
         """Prior and speech seen so far, pooled: the prior weighs as ``prior_frames`` frames."""

@@ -25,7 +25,7 @@ import torch
 from .adaptation import RunningStats
 from .audio import AudioError, check_samples, load_audio
 from .recognizer import (ACTIVITY_THRESHOLD_DBFS, MIN_SPEECH_ACTIVITY, Prediction, StreamingRecognizer, _dbfs,
-                         frame_energy)
+                         frame_energy, recording_speech_masks)
 from .vad import MIN_SPEECH_FRACTION, speech_fraction_of
 
 
@@ -152,7 +152,8 @@ class EmotionRecognizer:
         if fc.normalization == "speaker":
             rs = RunningStats(fe.corpus_stats())
             with torch.no_grad():
-                rs.update(fe.raw_segments_from_log_mel(fe.log_mel(wave.to(self.model.device))))
+                raw = fe.raw_segments_from_log_mel(fe.log_mel(wave.to(self.model.device)))
+            rs.update(raw, recording_speech_masks(x, fc)[None] if self.vad and raw.shape[1] else None)
             cur = rs.current()
             stats = (cur.mean, cur.std)
         probs = self.model.predict([wave], stats=stats)[0].numpy()

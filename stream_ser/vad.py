@@ -141,19 +141,9 @@ class SpeechDetector:
         return self.n_speech / self.n_chunks if self.n_chunks else 0.0
 
     def frame_mask(self, first_frame: int, n_frames: int, hop: int, win: int, end: int) -> np.ndarray:
-        """[n_frames] bool for the feature frames ``first_frame ...`` (frame t: samples [t hop, t hop + win)):
-        False where the 32 ms chunk holding the frame's centre is complete by sample ``end`` and was scored
-        non-speech; True otherwise (speech, or no verdict yet: then the level gate alone decides). Only
-        chunks complete by ``end`` count, so the mask does not depend on how the audio was chunked."""
-        centres = (first_frame + np.arange(n_frames)) * hop + win // 2
-        chunk = centres // CHUNK_SAMPLES
-        first_kept = self.n_chunks - len(self._probs)
-        known = ((chunk + 1) * CHUNK_SAMPLES <= end) & (chunk >= first_kept) & (chunk < self.n_chunks)
-        mask = np.ones(n_frames, bool)
-        if known.any():
-            probs = np.asarray(self._probs, np.float32)
-            mask[known] = probs[chunk[known] - first_kept] > SPEECH_PROB
-        return mask
+        """:func:`frame_mask` from this stream's scored chunks (the last ``HISTORY_CHUNKS``)."""
+        return frame_mask(np.asarray(self._probs, np.float32), self.n_chunks - len(self._probs),
+                          first_frame, n_frames, hop, win, end)
 
     def speech_fraction(self, start: int, end: int) -> float:
         """Share of the scored chunks whose centre lies in samples ``[start, end)`` that are speech (0 if none)."""
@@ -164,6 +154,21 @@ class SpeechDetector:
             return 0.0
         p = np.fromiter((self._probs[i - first_kept] for i in range(lo, hi)), np.float32, hi - lo)
         return float((p > SPEECH_PROB).mean())
+
+
+def frame_mask(probs: np.ndarray, first_chunk: int, first_frame: int, n_frames: int, hop: int, win: int,
+               end: int) -> np.ndarray:
+    """[n_frames] bool for the feature frames ``first_frame ...`` (frame t: samples [t hop, t hop + win)),
+    from chunk speech probabilities ``probs`` (chunk ``first_chunk`` first): False where the 32 ms chunk
+    holding the frame's centre is complete by sample ``end`` and was scored non-speech; True otherwise
+    (speech, or no verdict: then the level gate alone decides). Only chunks complete by ``end`` count,
+    so the mask does not depend on how the audio was chunked when it arrived."""
+    centres = (first_frame + np.arange(n_frames)) * hop + win // 2
+    chunk = centres // CHUNK_SAMPLES
+    known = ((chunk + 1) * CHUNK_SAMPLES <= end) & (chunk >= first_chunk) & (chunk < first_chunk + len(probs))
+    mask = np.ones(n_frames, bool)
+    mask[known] = probs[chunk[known] - first_chunk] > SPEECH_PROB
+    return mask
 
 
 def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:

@@ -88,3 +88,30 @@ def test_many_streams_scored_together_equal_each_alone(speech):
         np.testing.assert_allclose(np.concatenate(g), a, atol=1e-5)
         assert d.n_chunks == len(a)
     assert all(len(p) == 0 for p in score_queued(dets))  # nothing queued: nothing scored, no state change
+
+
+def test_adaptation_frame_masks_of_a_long_recording_and_of_a_stream_agree(speech):
+    """The frames the speaker statistics may learn from: noise frames are out, speech frames mostly in;
+    a recording longer than the detector's 12.8 s history keeps its early verdicts; and a stream fed in
+    odd chunks gets, segment by segment, the masks the whole recording gets."""
+    from stream_ser.config import FrontendConfig
+    from stream_ser.recognizer import recording_speech_masks
+    cfg = FrontendConfig()
+    wave = np.concatenate([_noise(15.0, 0.03), speech])
+    masks = recording_speech_masks(wave, cfg)  # [S, L]
+    assert masks.shape == (cfg.segments_for_frames(cfg.frames_for(len(wave))), cfg.segment_frames)
+    n_noise = int(14.0 * SR) // cfg.shift_samples  # segments that lie wholly in the noise
+    assert masks[:n_noise].float().mean() < 0.05  # the first ones too, 15 s before the end
+    assert masks[-5:].float().mean() > 0.5
+    det, got, i = SpeechDetector(), [], 0
+    rng = np.random.default_rng(4)
+    while i < len(wave):  # as a stream: each segment's mask when the segment completes
+        n = int(rng.integers(100, 6000))
+        det.push(wave[i:i + n])
+        i += n
+        while len(got) < len(masks) and len(got) * cfg.shift_samples + cfg.segment_samples <= i:
+            s = len(got)
+            got.append(det.frame_mask(s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length, cfg.win_length,
+                                      s * cfg.shift_samples + cfg.segment_samples))
+    assert len(got) == len(masks)
+    np.testing.assert_array_equal(np.stack(got), masks.numpy())

@@ -404,6 +404,33 @@ def save_checkpoint(model: EmotionModel, path: str | Path, compact: bool = False
 PRECISIONS = ("auto", "int8", "fp32")
 
 
+def fold_pool_into_fc6(model: EmotionModel) -> bool:
+    """Below 227 px, in place: AlexNet's conv stack ends at s x s with s < 6 (1 at 64 px, 2 at 112 px), and
+    the adaptive 6 x 6 pool only copies (or averages) those cells, so FC6's 9216 inputs are a fixed linear
+    map of 256 s^2 values. FC6 composed with that map is one Linear(256 s^2, 4096): the same outputs to
+    float rounding from 36x (64 px) or 9x (112 px) fewer weights, and the pool is skipped. Inference only
+    (training keeps the paper's layers). Returns whether it folded."""
+    emb = model.embedder
+    if not isinstance(emb, SegmentEmbedder) or not isinstance(emb.avgpool, nn.AdaptiveAvgPool2d):
+        return False
+    size = emb.input_size or model.frontend_config.image_size
+    fc6 = emb.fc[1]
+    dev = fc6.weight.device
+    with torch.no_grad():
+        s = emb.features(torch.zeros(1, 3, size, size, device=dev)).shape[-1]
+        if s >= 6:
+            return False
+        basis = torch.eye(s * s, device=dev).reshape(s * s, 1, s, s)
+        pool = emb.avgpool(basis).reshape(s * s, -1).T  # [36, s^2]: each pooled cell from the conv cells
+        channels = fc6.in_features // pool.shape[0]
+        folded = nn.Linear(channels * s * s, fc6.out_features, device=dev)
+        folded.weight.copy_((fc6.weight.reshape(fc6.out_features, channels, -1) @ pool).reshape(fc6.out_features, -1))
+        folded.bias.copy_(fc6.bias)
+    emb.fc[1] = folded
+    emb.avgpool = nn.Identity()
+    return True
+
+
 def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     """The CPU fast path, in place: int8 inference for the embedder's FC6/FC7 (dynamic quantisation,
     fbgemm/oneDNN kernels) and the convolutions in channels-last layout.
@@ -413,17 +440,20 @@ def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     quantised per batch on the fly. The convolutions and the head stay fp32
     (quantising them did not pay: ``docs/benchmarks.md``), but run channels-last
     (NHWC), which oneDNN's kernels take about 30 % faster here at 227 px, for the
-    same values to float rounding. CPU only.
+    same values to float rounding. Below 227 px the pool is first folded into FC6
+    (:func:`fold_pool_into_fc6`). CPU only.
     """
     import warnings
     emb = model.embedder
     if not isinstance(emb, SegmentEmbedder) or model.device.type != "cpu":
         return model
+    folded = fold_pool_into_fc6(model)
     with warnings.catch_warnings():  # torch 2.11 flags torch.ao.quantization for a future move to torchao
         warnings.simplefilter("ignore")
         emb.fc = torch.ao.quantization.quantize_dynamic(emb.fc, {nn.Linear}, dtype=torch.qint8)
     emb.features.to(memory_format=torch.channels_last)
-    model.meta["inference"] = "int8 FC6/FC7 (dynamic), channels-last convolutions"
+    model.meta["inference"] = ("int8 FC6/FC7 (dynamic), channels-last convolutions"
+                               + (", pool folded into FC6" if folded else ""))
     return model
 
 

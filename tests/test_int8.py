@@ -72,3 +72,24 @@ def test_int8_stream_stays_close_to_int8_offline(emodb_wav):
         got = np.array([[p.probabilities[lab] for lab in model.labels] for p in preds if not p.partial])
         assert got.shape == offline.shape
         np.testing.assert_allclose(got, offline, atol=0.01 if model is q else 1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("size,inputs", [(64, 256), (112, 1024), (227, None)])
+def test_folding_the_pool_into_fc6_keeps_the_embeddings(size, inputs):
+    """Below 227 px the conv stack ends at 1x1 (64 px) or 2x2 (112 px) and the 6x6 pool only copies cells:
+    FC6 folded over the copies gives the same features from 36x / 9x fewer inputs; at 227 px nothing folds."""
+    import copy
+
+    from stream_ser.config import FrontendConfig
+    from stream_ser.model import EmotionModel, fold_pool_into_fc6, quantize_for_cpu
+    torch.manual_seed(size)
+    m = EmotionModel(FrontendConfig(image_size=size)).eval()
+    f = copy.deepcopy(m)
+    assert fold_pool_into_fc6(f) == (inputs is not None)
+    assert f.embedder.fc[1].in_features == (inputs or 9216)
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(f.embed(x), m.embed(x), atol=1e-6, rtol=1e-5)
+        q = quantize_for_cpu(copy.deepcopy(m))  # the CPU fast path folds too, then quantises
+        assert ("pool folded" in q.meta["inference"]) == (inputs is not None)
+        assert float((q.embed(x) - m.embed(x)).abs().max()) < 0.02 * float(m.embed(x).abs().max())

@@ -349,6 +349,17 @@ CPU_NOTES = [
     "traffic, not by per-call overhead; 20x librosa on 2 cores is not in reach this way.",
     "- Capacity is one run per stream count (a ladder that stops at the first miss), not a median; the figures "
     "moved by about one ladder step between two runs on this shared VM.",
+    "- 2026-11-26, afternoon (the int8 section above): the CPU fast path also runs the convolutions channels-last "
+    "(NHWC; oneDNN's kernels are about 30 % faster that way here) and, below 227 px, folds the adaptive pool into "
+    "FC6 (at 112 px the conv stack ends at 2x2 and the pool only copies each cell 9 times, so FC6 takes 1024 inputs "
+    "instead of 9216; at 64 px, 256). Before -> after on the idle machine, int8: 227 px per-hop p50 12.5 -> 10.7 ms, "
+    "p95 13.2 -> 12.0, p99 14.0 -> 14.2 (the partial-window hops, which embed two segments, set the p99), capacity "
+    "48 -> 64 streams; 112 px p99 8.6 -> 7.7 ms, capacity 160 both times (192 missed). The cache ratio falls "
+    "(4.5 -> 3.6 at 227 px) because the saving is in the conv work the cache already avoided. The front-end: "
+    "per-segment normalisation by two passes instead of Tensor.std's slow multi-dimension reduction, and deltas as "
+    "slices instead of a conv1d, took it from 2851 to 7493 s/s file by file (librosa 1265 and 1529 s/s in the two "
+    "runs: 2.3x -> 4.9x); the log-Mel itself (FFT and filterbank) now takes most of the time (profiled), so 20x "
+    "is not in reach without a cheaper transform.",
     "",
 ]
 

@@ -1,0 +1,54 @@
+"""What the CPU fast path changes on the bundled model: fp32 against int8 inference (``load_checkpoint``'s
+``precision="fp32"`` and its default on the CPU) on every utterance of the corpora it was trained on, with
+per-speaker statistics, through the offline evaluation (``offline.train.evaluate_model``).
+
+    python -m bench.int8_agreement [--checkpoint PATH] [--emodb DIR] [--ravdess DIR]
+
+Training data, so only the differences between the two columns matter (docs/default-model.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def main(argv=None) -> int:
+    from offline.corpora import load_corpus
+    from offline.train import FeatureBank, evaluate_model
+    from stream_ser.assets import default_checkpoint
+    from stream_ser.model import load_checkpoint
+
+    ap = argparse.ArgumentParser(prog="python -m bench.int8_agreement", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="default: the bundled model")
+    ap.add_argument("--emodb", default="../shared/data/emodb")
+    ap.add_argument("--ravdess", default="../shared/data/ravdess")
+    ap.add_argument("--cache-dir", default=".cache/features")
+    args = ap.parse_args(argv)
+    path = args.checkpoint or default_checkpoint()
+    fp32 = load_checkpoint(path, "cpu", precision="fp32")
+    fast = load_checkpoint(path, "cpu")
+    corpus = load_corpus("emodb+ravdess", f"{args.emodb},{args.ravdess}")
+    bank = FeatureBank(corpus, fp32.frontend_config, args.cache_dir, torch.device("cpu"), log=lambda m: None)
+    out = {"checkpoint": str(path), "inference": fast.meta.get("inference"), "utterances": len(corpus.utterances)}
+    res = {}
+    for name, model in (("fp32", fp32), ("cpu_fast_path", fast)):
+        t0 = time.perf_counter()
+        res[name] = evaluate_model(model, bank, corpus.utterances, torch.device("cpu"))
+        out[name] = {"uar": res[name]["uar"], "wa": res[name]["wa"], "seconds": time.perf_counter() - t0}
+    a, b = np.array(res["fp32"]["probs"]), np.array(res["cpu_fast_path"]["probs"])
+    out["answers_equal"] = float((a.argmax(-1) == b.argmax(-1)).mean())
+    out["answers_differ"] = int((a.argmax(-1) != b.argmax(-1)).sum())
+    out["max_abs_prob_diff"] = float(np.abs(a - b).max())
+    out["mean_abs_prob_diff"] = float(np.abs(a - b).mean())
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,6 +20,7 @@ EPILOG = r"""examples:
                     --workers 8 --gpus-per-run 0.125      (8 fold-runs at a time on one GPU, local Ray)
   ser-offline loso  ... --ray-address 10.0.0.1:6379       (an existing Ray cluster)
   ser-offline loso  ... --folds 08 --out runs/x/08        (one fold; start one per fold side by side, then:)
+  ser-offline loso  ... --runs 3 --only-runs 1 --folds 08 --out runs/x/08-run1   (one fold-run; the same seed)
   ser-offline merge runs/x/?? --out runs/x                (one results.json from the per-fold folders)
   ser-offline train --corpus emodb --data ../shared/data/emodb --preset quick --out model.pt
   ser-offline cross --train emodb --train-data ../shared/data/emodb --test ravdess \

@@ -411,3 +411,33 @@ def test_only_runs_trains_the_full_plans_run_and_parts_per_run_merge_to_the_whol
     with pytest.raises(SystemExit):
         offline_cli.main(["loso", *common, "--only-runs", "x", "--out", str(tmp_path / "bad")])
     assert "not a comma-separated list of run indices" in capsys.readouterr().err
+
+
+def test_gpu_folds_script_runs_fold_runs_side_by_side_and_merges(emodb_dir, tmp_path):
+    """scripts/gpu-folds.sh (what a lent GPU runs): `--runs 2` becomes one process per fold-run with the full
+    plan's seeds, at most JOBS at a time; the records are packed as they finish and merged into one result."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FOLDS="03 16", JOBS="2", PY=sys.executable, SER=f"{sys.executable} -m offline.cli",
+               CACHE=str(tmp_path / "cache"), DATA=str(emodb_dir), PYTHONPATH=str(root))
+    recipe = ("tiny=--preset quick --max-per-speaker 2 --stage1-epochs 1 --stage2-epochs 1 --image-size 64 "
+              "--runs 2")
+    out = tmp_path / "gpu"
+    p = subprocess.run(["bash", str(root / "scripts" / "gpu-folds.sh"), str(out), "500", recipe], env=env,
+                       cwd=root, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "tiny: 4 of 4 fold processes finished" in p.stdout
+    assert sorted(d.name for d in (out / "tiny" / "parts").iterdir()) == ["03-run0", "03-run1", "16-run0", "16-run1"]
+    merged = json.loads((out / "tiny" / "results.json").read_text())
+    assert sorted((r["fold"], r["run"], r["seed"]) for r in merged["fold_runs"]) == \
+        [("03", 0, 0), ("03", 1, 1000), ("16", 0, 9), ("16", 1, 1009)]
+    with tarfile.open(out / "records.tgz") as t:
+        assert sum(n.endswith(".json") and "/folds/" in n for n in t.getnames()) == 4
+    # no fold-run starts with less than MIN_LEFT seconds to the deadline, and that is said
+    p = subprocess.run(["bash", str(root / "scripts" / "gpu-folds.sh"), str(tmp_path / "late"), "5", recipe],
+                       env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert "4 fold-runs not started" in p.stdout

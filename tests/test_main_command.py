@@ -84,5 +84,9 @@ def test_bench_smoke(tmp_path, emodb_dir):
     res = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())
     b = res["models"]["64"]
     assert b["hop_latency"]["hops"] > 0 and b["cache"]["ratio"] > 1
-    assert b["capacity"]["max_realtime_streams"] >= 1
+    # the capacity ladder ran and judged every step (whether 1 stream keeps real time depends on the load
+    # on the machine: a figure for bench/, not for a test)
+    ladder = b["capacity"]["ladder"]
+    assert [x["streams"] for x in ladder][:1] == [1] and all(x["predictions"] > 0 for x in ladder)
+    assert b["capacity"]["max_realtime_streams"] in {0} | {x["streams"] for x in ladder if x["realtime"]}
     assert res["frontend"]["ratio"] > 0 and res["training"][0]["segments_per_s"] > 0

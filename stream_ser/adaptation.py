@@ -153,7 +153,7 @@ class RunningStats:
         [..., L]: the frames the stream's speech detector kept (see :func:`_moments`)."""
         if self.frozen:
             return
-        n, s, ss = _moments(raw.detach().cpu(), None if mask is None else mask.cpu())
+        n, s, ss = _moments(raw.detach().cpu(), mask)
         if float(n) == 0:
             return
         self._n += n

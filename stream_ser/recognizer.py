@@ -91,14 +91,20 @@ def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torc
         return model.head.project(model.embed(torch.stack(features)))
 
 
+def segment_speech_mask(probs: np.ndarray, first_chunk: int, s: int, cfg) -> np.ndarray:
+    """[L] bool: which frames of segment ``s`` may teach the speaker statistics, from chunk speech
+    probabilities (chunk ``first_chunk`` first; :func:`~stream_ser.vad.frame_mask`), judged with the chunks
+    complete when the segment completes. The one rule for live streams and whole recordings alike."""
+    return frame_mask(probs, first_chunk, s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length,
+                      cfg.win_length, s * cfg.shift_samples + cfg.segment_samples)
+
+
 def recording_speech_masks(wave: np.ndarray, cfg) -> torch.Tensor:
-    """[S, L] bool for a whole recording [N] (enrolment, a file): per segment and frame, what a fresh
-    speech detector that heard the recording says of it, by the rule the live stream applies when the
-    segment completes (:func:`~stream_ser.vad.frame_mask`): the adaptation's frame mask."""
+    """[S, L] bool for a whole recording [N] (enrolment, a file): :func:`segment_speech_mask` of every
+    segment, from a fresh speech detector that heard all of it: the adaptation's frame masks."""
     probs = SpeechDetector().push(np.asarray(wave, np.float32))
     n = cfg.segments_for_frames(cfg.frames_for(len(wave)))
-    masks = [frame_mask(probs, 0, s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length, cfg.win_length,
-                        s * cfg.shift_samples + cfg.segment_samples) for s in range(n)]
+    masks = [segment_speech_mask(probs, 0, s, cfg) for s in range(n)]
     return torch.from_numpy(np.stack(masks)) if masks else torch.ones(0, cfg.segment_frames, dtype=torch.bool)
 
 
@@ -220,9 +226,7 @@ class SegmentStream:
             if self.adaptation is not None:
                 mask = None
                 if self.vad is not None:  # frames the detector called non-speech do not teach the statistics
-                    mask = torch.from_numpy(self.vad.frame_mask(
-                        s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length, cfg.win_length,
-                        s * cfg.shift_samples + cfg.segment_samples))
+                    mask = torch.from_numpy(segment_speech_mask(*self.vad.history(), s, cfg))
                 self.adaptation.update(raw, mask)
                 cur = self.adaptation.current()
                 stats = (cur.mean, cur.std)

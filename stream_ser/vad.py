@@ -140,10 +140,9 @@ class SpeechDetector:
         """Share of every chunk scored since the last reset that is speech (0 if none)."""
         return self.n_speech / self.n_chunks if self.n_chunks else 0.0
 
-    def frame_mask(self, first_frame: int, n_frames: int, hop: int, win: int, end: int) -> np.ndarray:
-        """:func:`frame_mask` from this stream's scored chunks (the last ``HISTORY_CHUNKS``)."""
-        return frame_mask(np.asarray(self._probs, np.float32), self.n_chunks - len(self._probs),
-                          first_frame, n_frames, hop, win, end)
+    def history(self) -> tuple[np.ndarray, int]:
+        """The kept chunk probabilities (the last ``HISTORY_CHUNKS``) and the index of the first of them."""
+        return np.asarray(self._probs, np.float32), self.n_chunks - len(self._probs)
 
     def speech_fraction(self, start: int, end: int) -> float:
         """Share of the scored chunks whose centre lies in samples ``[start, end)`` that are speech (0 if none)."""

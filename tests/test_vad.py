@@ -95,7 +95,7 @@ def test_adaptation_frame_masks_of_a_long_recording_and_of_a_stream_agree(speech
     a recording longer than the detector's 12.8 s history keeps its early verdicts; and a stream fed in
     odd chunks gets, segment by segment, the masks the whole recording gets."""
     from stream_ser.config import FrontendConfig
-    from stream_ser.recognizer import recording_speech_masks
+    from stream_ser.recognizer import recording_speech_masks, segment_speech_mask
     cfg = FrontendConfig()
     wave = np.concatenate([_noise(15.0, 0.03), speech])
     masks = recording_speech_masks(wave, cfg)  # [S, L]
@@ -111,7 +111,6 @@ def test_adaptation_frame_masks_of_a_long_recording_and_of_a_stream_agree(speech
         i += n
         while len(got) < len(masks) and len(got) * cfg.shift_samples + cfg.segment_samples <= i:
             s = len(got)
-            got.append(det.frame_mask(s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length, cfg.win_length,
-                                      s * cfg.shift_samples + cfg.segment_samples))
+            got.append(segment_speech_mask(*det.history(), s, cfg))
     assert len(got) == len(masks)
     np.testing.assert_array_equal(np.stack(got), masks.numpy())

@@ -54,9 +54,19 @@ def test_short_file_gets_a_whole_file_answer_like_the_offline_model(model, emodb
     r = model.recognize(path)
     assert r.label is not None  # shorter than a window, but still an answer
     assert r.windows and all(w.partial for w in r.windows)  # and partial windows, the last one at its end
-    assert r.windows[-1].probabilities == pytest.approx(r.probabilities, abs=0.05)
     m = model.model
     wave = load_audio(path)
+    # The windows are read as a live stream reads them: each segment with the speaker statistics of its
+    # moment, so on a 1.9 s file they can differ from the whole-file answer (which uses all of the file's
+    # speech). With the statistics frozen at the whole file's, the last window is the whole-file answer.
+    from stream_ser.recognizer import StreamingRecognizer
+    rec = StreamingRecognizer(m, adapt=False, vad=model.vad)
+    if m.frontend_config.normalization == "speaker":
+        rec.enroll(wave.numpy())
+    last = (rec.push(wave.numpy()) + rec.flush())[-1]
+    assert last.partial
+    # int8: a segment embedded alone (streaming) and in a batch (whole file) differ by rounding
+    assert last.probabilities == pytest.approx(r.probabilities, abs=0.02)
     stats = None
     if m.frontend_config.normalization == "speaker":  # the file's own speech, pooled with the corpus statistics
         from stream_ser.adaptation import RunningStats

@@ -286,6 +286,7 @@ class StreamingRecognizer:
             self.segmenter.reset_adaptation()
         self._cache: deque[tuple[torch.Tensor, Segment]] = deque(maxlen=self.window)  # (projection [dirs, 4H], seg)
         self._seq = 0
+        self._flush_end = -1  # n_samples once the last flush's zeros are in: nothing more to flush then
 
     def enroll(self, wave: np.ndarray | torch.Tensor) -> Stats:
         """Seed the speaker statistics from a recording of the speaker (see :meth:`SegmentStream.enroll`)."""
@@ -358,16 +359,20 @@ class StreamingRecognizer:
             return fe.normalize(raw, stats)
 
     def flush_samples(self) -> int:
-        """How many zeros complete the segments that hold the last samples heard, so that the end of a
-        source yields a final window (padded like a short utterance offline); 0 if nothing is pending."""
+        """How many zeros complete every segment that holds a sample heard, so that the end of a source
+        yields a final window padded as a short utterance is offline (where the 3 s window's zero padding
+        completes every segment that starts before the audio ends); 0 if nothing is pending."""
         cfg, seg = self.cfg, self.segmenter
         n = seg.n_samples
-        if n == 0:
-            return 0
-        last = max(0, -(-(n - cfg.segment_samples) // cfg.shift_samples))  # the segment holding sample n-1
+        if n == 0 or n == self._flush_end:
+            return 0  # nothing heard, or only the padding of the last flush since
+        # the last segment that starts before sample n (segments overlap: sample n-1 lies in up to two)
+        last = (n - 1) // cfg.shift_samples
         if last < seg.next_segment:
             return 0  # already made
-        return last * cfg.shift_samples + cfg.segment_samples - n
+        zeros = last * cfg.shift_samples + cfg.segment_samples - n
+        self._flush_end = n + zeros
+        return zeros
 
     def flush(self) -> list[Prediction]:
         """End of the stream: predictions for the audio after the last full segment (see :meth:`flush_samples`)."""
@@ -380,7 +385,7 @@ class StreamingRecognizer:
         t0 = time.perf_counter()
         with torch.no_grad():
             logits, alpha = self.model.head.infer(self.window_projections(padding)[None])
-            probs = torch.softmax(logits.float(), -1)[0].cpu().numpy()
+            probs = self.model.probabilities(logits)[0].cpu().numpy()
         return self.make_prediction(probs, alpha[0].cpu().numpy(), 1e3 * (time.perf_counter() - t0))
 
     def window_segments(self) -> list[Segment]:

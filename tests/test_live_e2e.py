@@ -71,9 +71,10 @@ def test_live_file_replay_broadcasts_predictions_every_hop(checkpoint, emodb_wav
     assert proc.returncode == 0, err
     assert msgs[0]["type"] == "hello" and msgs[-1]["type"] == "end" and msgs[-1]["reason"] == "source ended"
     every = [m for m in msgs if m["type"] == "prediction"]
-    # 7 partial windows from the first segment on, 5 full ones, and one flushed at the end of the file
-    assert [p["seq"] for p in every] == list(range(1, 14))
-    assert [p["partial"] for p in every] == [True] * 7 + [False] * 6
+    # 7 partial windows from the first segment on, 5 full ones, and two flushed at the end of the file
+    # (the last samples lie in two overlapping segments)
+    assert [p["seq"] for p in every] == list(range(1, 15))
+    assert [p["partial"] for p in every] == [True] * 7 + [False] * 7
     assert every[-1]["window_end_s"] >= len(load_audio(wav)) / 16000
     preds = every[7:12]
     starts = np.array([p["window_start_s"] for p in preds])
@@ -87,7 +88,7 @@ def test_live_file_replay_broadcasts_predictions_every_hop(checkpoint, emodb_wav
     got = np.array([[p["probabilities"][lab] for lab in model.labels] for p in preds])
     np.testing.assert_allclose(got, ref, atol=1e-4)
     lines = [ln for ln in out.splitlines() if ln.startswith("#")]
-    assert len(lines) == 13 and "latency" in lines[0]
+    assert len(lines) == 14 and "latency" in lines[0]
     assert "1.00 per segment" in out  # each segment embedded once
 
 
@@ -100,7 +101,7 @@ def test_watch_shows_the_dashboard(checkpoint, emodb_wav):
     assert watch.returncode == 0, watch.stderr
     for lab in EmotionModel().labels:
         assert lab in watch.stdout
-    assert "stream ended: source ended" in watch.stdout and "#13" in watch.stdout
+    assert "stream ended: source ended" in watch.stdout and "#14" in watch.stdout
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -235,7 +236,7 @@ def test_live_speaker_adaptation_with_enrolment(tmp_path, emodb_wav):
     hello = msgs[0]
     assert hello["adaptation"]["enrolled"] is True and hello["adaptation"]["on"] is True
     preds = [x for x in msgs if x["type"] == "prediction"]
-    assert len(preds) == 13 and all(p["adaptation"]["enrolled"] for p in preds)  # 7 partial, 5 full, 1 flushed
+    assert len(preds) == 14 and all(p["adaptation"]["enrolled"] for p in preds)  # 7 partial, 5 full, 2 flushed
     seen = [p["adaptation"]["speech_s"] for p in preds]
     assert seen[0] > hello["adaptation"]["speech_s"] and seen == sorted(seen)  # grows as the speaker talks
     # --enroll with a model that does not normalise per speaker: one clear line, exit 2

@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(e.g. one `--folds F` process per fold, side by side on a GPU)")
     m.add_argument("parts", nargs="+", help="finished loso run folders (each with results.json)")
     m.add_argument("--out", required=True, help="run folder for the merged results.json, report.md, confusion.png")
+    c = sub.add_parser("calibrate", help="fit a softmax temperature on held-out loso predictions of a checkpoint's "
+                       "recipe and write it into a copy of the checkpoint (labels never change, only confidences)")
+    c.add_argument("runs", nargs="+", help="finished loso run folders of the checkpoint's recipe (their fold-runs' "
+                   "test predictions are the held-out data)")
+    c.add_argument("--checkpoint", required=True, help="checkpoint to calibrate (.pt, compact or not)")
+    c.add_argument("--out", required=True, help="calibrated checkpoint to write (may be --checkpoint itself)")
     r = sub.add_parser("report", help="rewrite report.md and confusion.png from results.json")
     r.add_argument("runs", nargs="+", help="run folders")
     r.add_argument("--compare", action="store_true", help="print one comparison table over the runs")
@@ -284,6 +290,22 @@ def main(argv: list[str] | None = None) -> int:
               + (f", UAR {100 * s['uar_mean']:.2f} ± {100 * s['uar_std']:.2f} %" if s else "")
               + (f"; {len(merged['failed'])} fold-run(s) failed" if merged["failed"] else "")
               + f"; report: {write_report(args.out)}")
+        return 0
+
+    if args.cmd == "calibrate":
+        from .calibrate import calibrate_checkpoint
+        if not Path(args.checkpoint).is_file():
+            print(f"error: checkpoint {args.checkpoint} not found", file=sys.stderr)
+            return 2
+        try:
+            info = calibrate_checkpoint(Path(args.checkpoint), [Path(d) for d in args.runs], Path(args.out))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"temperature {info['temperature']:g} from {info['n_predictions']} held-out predictions: "
+              f"NLL {info['nll_before']:.3f} -> {info['nll_after']:.3f}, ECE {info['ece_before']:.3f} -> "
+              f"{info['ece_after']:.3f}, mean confidence {info['mean_confidence_before']:.3f} -> "
+              f"{info['mean_confidence_after']:.3f} (accuracy {info['accuracy']:.3f}); wrote {args.out}")
         return 0
 
     from .evaluate import pick_device, run_protocol  # torch-heavy imports only when needed

@@ -459,7 +459,7 @@ def embed_split(model: EmotionModel, split: SplitData, device: torch.device, amp
 @torch.no_grad()
 def head_probs(model: EmotionModel, feats: torch.Tensor, batch: int = 256) -> torch.Tensor:
     model.eval()
-    return torch.cat([torch.softmax(model.head(feats[i:i + batch])[0], -1) for i in range(0, len(feats), batch)])
+    return torch.cat([model.probabilities(model.head(feats[i:i + batch])[0]) for i in range(0, len(feats), batch)])
 
 
 def stage2_head(model: EmotionModel, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor | None,
@@ -572,7 +572,7 @@ def evaluate_model(model: EmotionModel, bank: FeatureBank, utts: Sequence[Uttera
     if model.model_config.arch == "cnn_lstm":
         model.eval()
         with torch.no_grad():
-            probs = torch.cat([torch.softmax(model(split.segments[i:i + 64])[0], -1)
+            probs = torch.cat([model.probabilities(model(split.segments[i:i + 64])[0])
                                for i in range(0, len(split.segments), 64)])
     else:
         probs = head_probs(model, embed_split(model, split, device, amp))

@@ -12,5 +12,7 @@ bash scripts/setup.sh
 mkdir -p runs/default-multi
 .venv/bin/ser-offline train --corpus emodb+ravdess --data "$emodb,$ravdess" --preset cpu \
     --speeds 3 --stage1-epochs 5 --out runs/default-multi/model.pt --compact "$@"
-cp runs/default-multi/model-int8.pt stream_ser/assets/default.pt
+# the softmax temperature from held-out predictions of this recipe (docs/default-model.md); labels unchanged
+.venv/bin/ser-offline calibrate docs/results/pilots/multicorpus-cpu-speeds3-folds-emodb03-ravdess21-24 \
+    --checkpoint runs/default-multi/model-int8.pt --out stream_ser/assets/default.pt
 ls -l stream_ser/assets/default.pt

@@ -120,7 +120,7 @@ class MultiStreamEngine:
                 with torch.no_grad():
                     logits, alpha = self.model.head.infer(
                         torch.stack([rec.window_projections(pads.get(id(rec))) for rec in batch]))
-                    probs = torch.softmax(logits.float(), -1).cpu().numpy()
+                    probs = self.model.probabilities(logits).cpu().numpy()
                 alpha = alpha.cpu().numpy()
                 head_ms = 1e3 * (time.perf_counter() - t0)
                 self.head_batches.append(len(batch))

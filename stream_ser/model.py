@@ -284,6 +284,18 @@ class EmotionModel(nn.Module):
     def device(self) -> torch.device:
         return self.frontend.window.device
 
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature (1: as trained). ``ser-offline calibrate`` fits it on held-out predictions of
+        the model's recipe and stores it in ``meta["calibration"]``; it changes how sure the probabilities
+        are, never which label is on top."""
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [..., K] -> probabilities [..., K] (float32) at the model's temperature; every path that
+        turns logits into probabilities (offline, the API, the live stream, the engine) goes through here."""
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
     def images(self, segments: torch.Tensor) -> torch.Tensor:
         """Segments [..., C, M, L] -> what the embedder takes."""
         if self.embedder.input_size == 0:
@@ -315,7 +327,7 @@ class EmotionModel(nn.Module):
             for i in range(0, len(waves), batch_size):
                 segs = self.frontend.utterance_segments([w.to(self.device) for w in waves[i:i + batch_size]], stats)
                 logits, _ = self(segs)
-                out.append(torch.softmax(logits.float(), dim=-1))
+                out.append(self.probabilities(logits))
         finally:
             self.train(was_training)
         return torch.cat(out).cpu() if out else torch.zeros(0, len(self.labels))
@@ -326,7 +338,8 @@ class EmotionModel(nn.Module):
         trained = self.meta.get("trained_on", "untrained (random initialisation)")
         licence = f"; terms: {self.meta['licence']}" if self.meta.get("licence") else ""
         inference = f"; {self.meta['inference']}" if self.meta.get("inference") else ""
-        return f"{mc.arch} ({len(mc.labels)} classes) — {trained}{licence}{inference}"
+        calibrated = f"; probabilities calibrated (temperature {self.temperature:g})" if self.temperature != 1 else ""
+        return f"{mc.arch} ({len(mc.labels)} classes) — {trained}{licence}{inference}{calibrated}"
 
 
 # --- checkpoints -------------------------------------------------------------------

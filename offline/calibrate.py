@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stream_ser.model import read_checkpoint
+
 # --- constants ----------------------------------------------------------------------
 T_MIN, T_MAX = 0.05, 20.0  # search range of the temperature
 ECE_BINS = 10  # expected calibration error: confidence bins of 0.1
@@ -116,9 +118,7 @@ def held_out_predictions(run_dirs: list[Path], labels: tuple[str, ...]) -> tuple
 def calibrate_checkpoint(checkpoint: Path, run_dirs: list[Path], out: Path) -> dict:
     """Fit the temperature on the runs' held-out predictions and write ``out``: the checkpoint's file with
     ``meta["calibration"]`` set and nothing else changed (weights are copied as stored, compact or not)."""
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "meta" not in payload or "labels" not in payload:
-        raise ValueError(f"{checkpoint}: not a stream_ser checkpoint")
+    payload = read_checkpoint(checkpoint)  # CheckpointError when missing, unreadable or not a checkpoint
     labels = tuple(payload["labels"])
     probs, true = held_out_predictions(run_dirs, labels)
     t = fit_temperature(probs, true)

@@ -293,13 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.cmd == "calibrate":
+        from stream_ser.model import CheckpointError
+
         from .calibrate import calibrate_checkpoint
-        if not Path(args.checkpoint).is_file():
-            print(f"error: checkpoint {args.checkpoint} not found", file=sys.stderr)
-            return 2
         try:
             info = calibrate_checkpoint(Path(args.checkpoint), [Path(d) for d in args.runs], Path(args.out))
-        except ValueError as e:
+        except (CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"temperature {info['temperature']:g} from {info['n_predictions']} held-out predictions: "

@@ -470,14 +470,9 @@ def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     return model
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> EmotionModel:
-    """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode.
-
-    ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, fp32 elsewhere; see
-    :func:`quantize_for_cpu`), ``int8`` (the same), or ``fp32``.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw payload of a checkpoint file (``weights_only=True``), as :func:`save_checkpoint` wrote it;
+    :class:`CheckpointError` with a clear message when it is missing, unreadable or not ours."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -490,6 +485,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not a stream_ser checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    return payload
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> EmotionModel:
+    """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode.
+
+    ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, fp32 elsewhere; see
+    :func:`quantize_for_cpu`), ``int8`` (the same), or ``fp32``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    payload = read_checkpoint(path)
+    path = Path(path)
     try:
         fc = FrontendConfig.from_dict(payload["frontend_config"])
         mc = ModelConfig.from_dict(payload["model_config"])

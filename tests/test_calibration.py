@@ -108,3 +108,8 @@ def test_calibrate_refuses_runs_of_other_labels_and_missing_files(small_checkpoi
                          "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
     assert offline_main(["calibrate", str(run), "--checkpoint", str(tmp_path / "no.pt"), "--out", str(out)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert offline_main(["calibrate", str(run), "--checkpoint", str(junk), "--out", str(out)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err and not out.exists()

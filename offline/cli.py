@@ -101,6 +101,9 @@ def _add_training_flags(p: argparse.ArgumentParser, corpus: bool = True) -> None
     g.add_argument("--mask-frames", type=int, help="stage 1 SpecAugment: one time mask of up to N frames (0: off)")
     g.add_argument("--mask-bins", type=int, help="stage 1 SpecAugment: one frequency mask of up to N Mel bins (0: off)")
     g.add_argument("--mixup", type=float, help="stage 1 mixup alpha (0: off)")
+    g.add_argument("--silence-floor", type=float,
+                   help="normalised log-Mel floor in per-bin standard deviations: lower values become -F and "
+                        "their deltas 0, so silence looks alike at any level (speaker/corpus normalisation; 0: off)")
     g.add_argument("--stage1-min-speech", type=float,
                    help="stage 1 learns only from segments with at least this fraction of speech frames (0: all)")
     g.add_argument("--start-at-speech", dest="start_at_speech", action="store_const", const=True,
@@ -129,7 +132,8 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
 OVERRIDE_KEYS = ["stage1_epochs", "stage1_batch", "stage1_lr", "stage2_epochs", "stage2_batch", "stage2_lr", "speeds",
                  "runs", "weights", "seed", "image_size", "channels", "segment_frames", "normalization", "attention",
                  "arch", "class_weights", "amp", "max_per_speaker", "lr_schedule", "label_smoothing",
-                 "mask_frames", "mask_bins", "mixup", "start_at_speech", "stage1_min_speech"]
+                 "mask_frames", "mask_bins", "mixup", "start_at_speech", "stage1_min_speech",
+                 "silence_floor"]
 
 
 def build_parser() -> argparse.ArgumentParser:

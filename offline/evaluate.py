@@ -84,13 +84,22 @@ def pick_device(name: str | None) -> torch.device:
 FOLD_RUN_KEYS = ("fold", "run", "seed", "uar", "wa", "confusion", "predictions", "seconds")
 
 
+# TrainConfig fields added after runs were committed, with the value that means "off": left out of the
+# fingerprint when off, so that those runs can still be resumed and extended (--runs)
+ADDED_LATER = {"silence_floor": 0.0}
+
+
 def config_fingerprint(cfg: TrainConfig) -> str:
     """A short hash of everything in the training configuration (a resumed run must not mix configs).
 
     ``runs`` is left out (hashed as 1): a fold-run's training depends on its seed, not on how many runs
     there are, so re-running a finished folder with a larger ``--runs`` adds runs and reuses the ones
     made. A folder made before this rule keeps its fingerprint when it had one run."""
-    blob = json.dumps(dataclasses.replace(cfg, runs=1).to_dict(), sort_keys=True, default=str)
+    d = dataclasses.replace(cfg, runs=1).to_dict()
+    for key, off in ADDED_LATER.items():  # folders made before a lever existed keep their fingerprint
+        if d.get(key) == off:
+            d.pop(key)
+    blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

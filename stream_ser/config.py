@@ -78,6 +78,11 @@ class FrontendConfig:
     # True: an utterance's 3 s window starts 100 ms before its speech onset instead of at
     # sample 0, so leading silence (about 1 s in every RAVDESS file) does not fill the window
     start_at_speech: bool = False
+    # > 0 (``speaker``/``corpus`` normalisation only): a normalised log-Mel value below -silence_floor
+    # is set to -silence_floor and its delta and delta-delta to 0, so that silence looks the same
+    # whatever its level: EMO-DB's zero padding sits at about -3.8, RAVDESS's studio noise at -2.5,
+    # a live room's fan wherever the microphone puts it. 0: off (models trained before it).
+    silence_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -95,6 +100,11 @@ class FrontendConfig:
             raise ValueError("win_length must not exceed n_fft")
         if not 1 <= self.segment_shift <= self.segment_frames:
             raise ValueError("segment_shift must be in 1..segment_frames")
+        if self.silence_floor < 0:
+            raise ValueError(f"silence_floor must be >= 0 (0: off), got {self.silence_floor}")
+        if self.silence_floor and self.normalization not in ("speaker", "corpus"):
+            raise ValueError("silence_floor needs the 'speaker' or 'corpus' normalisation (a floor in "
+                             f"per-bin standard deviations), not {self.normalization!r}")
 
     # --- derived sizes ---------------------------------------------------------
     @property

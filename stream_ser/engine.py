@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .model import EmotionModel
-from .recognizer import Prediction, StreamingRecognizer, embed_and_project
+from .recognizer import PaddingCache, Prediction, StreamingRecognizer, embed_and_project
 from .vad import score_queued
 
 
@@ -30,6 +30,7 @@ class MultiStreamEngine:
     def __init__(self, model: EmotionModel, max_batch: int = 512):
         self.model = model.eval()
         self.max_batch = max_batch
+        self.padding_cache = PaddingCache()  # one for all streams: they share the model
         self.streams: dict[str, StreamingRecognizer] = {}
         self._inbox: dict[str, deque] = {}
         self._lock = threading.Lock()
@@ -43,7 +44,8 @@ class MultiStreamEngine:
         with self._lock:
             if stream_id in self.streams:
                 raise ValueError(f"stream {stream_id!r} exists")
-            rec = StreamingRecognizer(self.model, stream=stream_id, adapt=adapt, vad=vad)
+            rec = StreamingRecognizer(self.model, stream=stream_id, adapt=adapt, vad=vad,
+                                      padding_cache=self.padding_cache)
             self.streams[stream_id] = rec
             self._inbox[stream_id] = deque()
             return rec
@@ -115,7 +117,7 @@ class MultiStreamEngine:
                 partial = [rec for rec in batch if not rec.window_is_full]
                 pads = {}
                 if partial:  # the padding segments of all partial windows in one embedder call
-                    proj = embed_and_project(self.model, [rec.padding_segment() for rec in partial])
+                    proj = self.padding_cache.projections(self.model, [rec.padding_segment() for rec in partial])
                     pads = {id(rec): p for rec, p in zip(partial, proj)}
                 with torch.no_grad():
                     logits, alpha = self.model.head.infer(

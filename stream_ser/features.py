@@ -178,13 +178,22 @@ class Frontend(nn.Module):
                 mean, std = mean.reshape(shape), std.reshape(shape)
             else:
                 mean, std = mean[..., None], std[..., None]
-            return (seg - mean) / _scale(std, cfg.norm_eps)
+            return self._floor_silence((seg - mean) / _scale(std, cfg.norm_eps))
         if cfg.normalization in ("corpus", "speaker"):
             C = seg.shape[-3]
             mean = self.norm_mean[:C, :, None]
             std = self.norm_std[:C, :, None]
-            return (seg - mean) / _scale(std, cfg.norm_eps)
+            return self._floor_silence((seg - mean) / _scale(std, cfg.norm_eps))
         return seg
+
+    def _floor_silence(self, z: torch.Tensor) -> torch.Tensor:
+        """``silence_floor`` > 0: normalised static values under -floor become -floor, and their
+        deltas 0 (a flat region's), elementwise per Mel bin and frame; z [..., C, M, L]."""
+        floor = self.config.silence_floor
+        if not floor:
+            return z
+        quiet = z[..., :1, :, :] < -floor  # [..., 1, M, L], broadcast over the delta channels
+        return torch.cat([z[..., :1, :, :].clamp_min(-floor), z[..., 1:, :, :].masked_fill(quiet, 0.0)], dim=-3)
 
     def set_corpus_stats(self, raw_segments: torch.Tensor) -> None:
         """Fit the stored statistics on un-normalised segments [..., C, M, L].

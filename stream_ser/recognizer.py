@@ -91,6 +91,46 @@ def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torc
         return model.head.project(model.embed(torch.stack(features)))
 
 
+class PaddingCache:
+    """Head input projections of padding segments already embedded, found again by their features.
+
+    A partial window (the first 7 hops of a stream) is completed with the padding segment, normalised
+    with the statistics of the moment. Where those cannot move it (per-segment normalisation, frozen
+    statistics, the ``silence_floor``, which floors all of it) it is the same segment every hop, so it
+    is embedded once and the hop embeds only its new segment. Where the statistics do move it (live
+    adaptation without the floor) it misses and is embedded as before: a hit needs bit-equal features,
+    so the answers are those of embedding it every time. One per recognizer, or shared by an engine's
+    streams; the model must not change under it."""
+
+    def __init__(self, size: int = 4):
+        self._items: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=size)  # (features, projection)
+        self.hits = self.misses = 0
+
+    def get(self, features: torch.Tensor) -> torch.Tensor | None:
+        for f, p in self._items:
+            if f.shape == features.shape and torch.equal(f, features):
+                self.hits += 1
+                return p
+        return None
+
+    def put(self, features: torch.Tensor, projection: torch.Tensor) -> None:
+        self.misses += 1
+        self._items.append((features, projection))
+
+    def projections(self, model: EmotionModel, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The projections of padding segments [C, M, L]; the ones not cached in one embedder call."""
+        out = [self.get(f) for f in features]
+        todo: list[torch.Tensor] = []
+        for i, f in enumerate(features):
+            if out[i] is None and not any(torch.equal(f, t) for t in todo):
+                todo.append(f)
+        if todo:
+            for f, p in zip(todo, embed_and_project(model, todo)):
+                self.put(f, p)
+            out = [o if o is not None else self.get(f) for o, f in zip(out, features)]
+        return out
+
+
 def segment_speech_mask(probs: np.ndarray, first_chunk: int, s: int, cfg) -> np.ndarray:
     """[L] bool: which frames of segment ``s`` may teach the speaker statistics, from chunk speech
     probabilities (chunk ``first_chunk`` first; :func:`~stream_ser.vad.frame_mask`), judged with the chunks
@@ -261,7 +301,7 @@ class StreamingRecognizer:
     """
 
     def __init__(self, model: EmotionModel, stream: str | None = None, adapt: bool = True, vad: bool = True,
-                 partial: bool = True):
+                 partial: bool = True, padding_cache: PaddingCache | None = None):
         if model.frontend_config.normalization == "utterance":
             raise ValueError("this model normalises whole utterances (the paper's preprocessing); it cannot run "
                              "live. Train with --normalization segment or corpus.")
@@ -272,6 +312,7 @@ class StreamingRecognizer:
         self.stream = stream
         self.segmenter = SegmentStream(model, adapt=adapt, vad=vad)
         self.partial = partial  # predict from the first segment on, padding the window as training pads
+        self.padding_cache = padding_cache or PaddingCache()  # kept across reset(): it depends on the model only
         self.min_speech = MIN_SPEECH_FRACTION if vad else MIN_SPEECH_ACTIVITY
         self.segments_seen = self.embedder_calls = self.segments_embedded = self.predictions = 0
         self.reset()
@@ -305,10 +346,16 @@ class StreamingRecognizer:
         # one segment completing a partial window (the usual live hop): its padding segment, normalised
         # with the statistics of this moment as in predict_window, rides in the same embedder batch
         # (one call of 2 instead of 2 calls of 1: FC6/FC7's weights are read once)
+        # (and none at all when the padding segment is one embedded before: PaddingCache)
         pad_feat = (self.padding_segment() if len(segs) == 1 and self.partial and len(self._cache) + 1 < self.window
                     else None)
+        pad = self.padding_cache.get(pad_feat) if pad_feat is not None else None
+        if pad is not None:
+            pad_feat = None
         projections, embed_ms = self.embed_segments([s.features for s in segs], pad_feat)
-        pad = projections.pop() if pad_feat is not None else None
+        if pad_feat is not None:
+            pad = projections.pop()
+            self.padding_cache.put(pad_feat, pad)
         out = []
         for seg, proj in zip(segs, projections):
             if self.add_segment(seg, proj, embed_ms):
@@ -339,7 +386,8 @@ class StreamingRecognizer:
         ``padding``: that projection when the caller has embedded it already (the engine, in one batch)."""
         proj = [p for p, _ in self._cache]
         if len(proj) < self.window:
-            pad = padding if padding is not None else embed_and_project(self.model, [self.padding_segment()])[0]
+            pad = (padding if padding is not None
+                   else self.padding_cache.projections(self.model, [self.padding_segment()])[0])
             proj += [pad] * (self.window - len(proj))
         return torch.stack(proj)
 

@@ -19,15 +19,19 @@ SPEAKER_A = ["03a01Wa", "03a02Fc", "03a04Ad", "03a01Nc", "03a02Ta", "03a04Lc", "
 SPEAKER_B = ["16b01Tb", "16a01Ec", "16a01Lb", "16a01Fc"]
 
 
-@pytest.fixture(scope="module")
-def model(emodb_wav):
+def _speaker_model(emodb_wav, **frontend) -> EmotionModel:
     """A random speaker-normalised model (64 px: cheap) whose corpus statistics come from real speech."""
     torch.manual_seed(5)
-    m = EmotionModel(FrontendConfig(normalization="speaker", image_size=64)).eval()
+    m = EmotionModel(FrontendConfig(normalization="speaker", image_size=64, **frontend)).eval()
     fe = m.frontend
     raw = torch.cat([fe.raw_segments_from_log_mel(fe.log_mel(load_audio(emodb_wav(s)))) for s in SPEAKER_B], dim=1)
     fe.set_corpus_stats(raw)
     return m
+
+
+@pytest.fixture(scope="module")
+def model(emodb_wav):
+    return _speaker_model(emodb_wav)
 
 
 def _raw(fe: Frontend, wave: torch.Tensor) -> torch.Tensor:
@@ -69,8 +73,12 @@ def test_batched_statistics_equal_one_speaker_at_a_time(model, emodb_wav):
     assert centred.abs().max() < 1e-3
 
 
-def test_stream_equals_offline_with_frozen_statistics(model, emodb_wav):
-    """Invariant 1 with speaker normalisation: enrolled from another utterance, frozen."""
+@pytest.mark.parametrize("silence_floor", [0.0, 2.0])
+def test_stream_equals_offline_with_frozen_statistics(model, emodb_wav, silence_floor):
+    """Invariant 1 with speaker normalisation: enrolled from another utterance, frozen (with and
+    without the silence floor)."""
+    if silence_floor:
+        model = _speaker_model(emodb_wav, silence_floor=silence_floor)
     rec = StreamingRecognizer(model, adapt=False)
     st = rec.enroll(load_audio(emodb_wav("16a01Ec")).numpy())
     assert rec.adaptation.frozen and st.frames > 0
@@ -195,3 +203,51 @@ def test_running_stats_frozen_and_enrolled():
     cur = rs.current()
     expected = (10 * prior.mean + 32 * x.permute(2, 3, 0, 1, 4).reshape(3, 4, -1).mean(-1)) / 42
     torch.testing.assert_close(cur.mean, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_silence_floor_makes_silence_level_independent(emodb_wav):
+    """The same utterance with its pauses as digital silence and as quiet noise: with the floor their
+    segments agree where the speaker's speech is; without it the pauses differ. Speech is untouched."""
+    plain = _speaker_model(emodb_wav)
+    floored = _speaker_model(emodb_wav, silence_floor=2.0)
+    wave = load_audio(emodb_wav("03a01Wa"))
+    wave = torch.cat([torch.zeros(8000), wave, torch.zeros(16000)])
+    noisy = wave + 3e-4 * torch.randn(wave.shape, generator=torch.Generator().manual_seed(0))  # ~ -70 dBFS hiss
+    st = speaker_stats(_raw(plain.frontend, load_audio(emodb_wav("03a02Fc"))))
+    stats = (st.mean, st.std)
+    a, b = plain.frontend.segments(wave[None], stats), plain.frontend.segments(noisy[None], stats)
+    fa, fb = floored.frontend.segments(wave[None], stats), floored.frontend.segments(noisy[None], stats)
+    # the floor: static channel >= -2, deltas 0 where the static is floored, the rest as without it
+    assert fa[:, :, 0].min() >= -2.0 and (fa[:, :, 0] == -2.0).any()
+    quiet = a[:, :, :1] < -2.0
+    assert (fa[:, :, 1:].masked_select(quiet.expand_as(fa[:, :, 1:])) == 0).all()
+    torch.testing.assert_close(fa.masked_select(~quiet.expand_as(fa)), a.masked_select(~quiet.expand_as(a)))
+    # the leading silence (first segment): digital silence and hiss land far apart without the floor
+    assert (a[0, 0] - b[0, 0]).abs().mean() > 0.5
+    assert (fa[0, 0] - fb[0, 0]).abs().mean() < 0.25 * (a[0, 0] - b[0, 0]).abs().mean()
+
+
+def test_silence_floor_config_is_checked_and_kept():
+    with pytest.raises(ValueError, match="silence_floor must be >= 0"):
+        FrontendConfig(normalization="speaker", silence_floor=-1.0)
+    with pytest.raises(ValueError, match="needs the 'speaker' or 'corpus'"):
+        FrontendConfig(normalization="segment", silence_floor=2.0)
+    cfg = FrontendConfig(normalization="speaker", silence_floor=2.5)
+    assert FrontendConfig.from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    del old["silence_floor"]  # a checkpoint made before the field existed: off
+    assert FrontendConfig.from_dict(old).silence_floor == 0.0
+
+
+def test_padding_segment_is_embedded_once_with_the_floor_only(model, emodb_wav):
+    """With live adaptation the statistics move every segment: without the floor the padding segment
+    moves with them and is embedded at every partial hop; with the floor it is all floor, embedded once."""
+    audio = torch.cat([load_audio(emodb_wav(u)) for u in SPEAKER_A[:2]]).numpy()  # > 8 segments
+    plain = StreamingRecognizer(model)
+    floored = StreamingRecognizer(_speaker_model(emodb_wav, silence_floor=2.0))
+    for rec in (plain, floored):
+        for i in range(0, len(audio), 1600):
+            rec.push(audio[i:i + 1600])
+        assert rec.adaptation.speech_s > 0  # the statistics did move
+    assert (plain.padding_cache.misses, plain.padding_cache.hits) == (7, 0)
+    assert (floored.padding_cache.misses, floored.padding_cache.hits) == (1, 6)

@@ -212,3 +212,18 @@ def test_a_collapsed_model_is_warned_about():
     assert "collapsed to one class" in msgs[0] and "'a'" in msgs[0]
     assert not warn_if_collapsed(torch.tensor([0, 1, 2, 0, 1, 2]), 3, ["a", "b", "c"], msgs.append)
     assert len(msgs) == 1
+
+
+def test_committed_runs_keep_their_fingerprint_when_a_lever_is_added():
+    """A run folder can only be resumed or extended (--runs) while its recipe hashes as it did: a lever
+    added later (silence_floor) must not change the hash of recipes that leave it off, and must change it
+    when on. Checked on a committed run's stored configuration and fold records."""
+    from offline.evaluate import config_fingerprint
+    run = Path(__file__).resolve().parents[1] / "docs" / "results" / "emodb-cpu-pretrain-speeds5"
+    stored = json.loads((run / "results.json").read_text())["config"]
+    assert "silence_floor" not in stored  # made before the field existed
+    cfg = TrainConfig(**stored)
+    recorded = {json.loads(p.read_text())["config_fingerprint"] for p in (run / "folds").glob("*.json")}
+    assert recorded == {config_fingerprint(cfg)}
+    import dataclasses
+    assert config_fingerprint(dataclasses.replace(cfg, silence_floor=2.0)) not in recorded

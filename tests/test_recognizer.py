@@ -9,7 +9,7 @@ import torch
 from stream_ser.audio import AudioError, load_audio
 from stream_ser.config import FrontendConfig
 from stream_ser.model import EmotionModel
-from stream_ser.recognizer import StreamingRecognizer
+from stream_ser.recognizer import PaddingCache, StreamingRecognizer
 
 FILE = "16b01Tb"  # 4.4 s of real speech: 12 segments, 5 windows
 
@@ -88,11 +88,24 @@ def test_each_segment_embedded_exactly_once(model, audio, monkeypatch):
     assert sum(calls) == n_segments == rec.segments_embedded == rec.segments_seen == 12
     assert rec.counters["predictions"] == len(preds) == n_segments - 7
     assert max(calls) == 1  # 160-sample chunks complete one segment at a time
-    # partial windows embed one padding segment each, never a real segment twice
+    # partial windows add the padding segment, never a real segment twice; per-segment normalisation
+    # makes the padding segment the same every hop, so it is embedded once (PaddingCache)
     calls.clear()
     rec = StreamingRecognizer(model)
     preds = _run(rec, audio, _chunks(160, len(audio)))
-    assert rec.segments_embedded == 12 and sum(calls) == 12 + 7 and len(preds) == 12
+    assert rec.segments_embedded == 12 and sum(calls) == 12 + 1 and len(preds) == 12
+    assert (rec.padding_cache.misses, rec.padding_cache.hits) == (1, 6)
+    # without the cache (size 0) it is embedded at every partial hop, and the answers are the same
+    calls.clear()
+    uncached = StreamingRecognizer(model, padding_cache=PaddingCache(size=0))
+    again = _run(uncached, audio, _chunks(160, len(audio)))
+    assert sum(calls) == 12 + 7
+    np.testing.assert_allclose([list(p.probabilities.values()) for p in again],
+                               [list(p.probabilities.values()) for p in preds], atol=1e-5, rtol=0)
+    # a second stream sharing the cache (as an engine's streams do) embeds no padding at all
+    calls.clear()
+    _run(StreamingRecognizer(model, padding_cache=rec.padding_cache), audio, _chunks(160, len(audio)))
+    assert sum(calls) == 12
 
 
 def test_flushing_a_short_file_equals_the_offline_padded_utterance(model, audio):

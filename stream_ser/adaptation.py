@@ -119,6 +119,17 @@ def stats_by_group(raw: torch.Tensor, groups: list[str]) -> tuple[torch.Tensor, 
     return mean, std
 
 
+def moments_each(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_moments` of each of N segments [N, C, M, L] at once: counts [N], sums and sums of squares
+    [N, C, M] (float64); ``mask`` [N, L] as there. What :meth:`RunningStats.add` takes."""
+    x = raw.double()
+    keep = speech_frames(x)
+    if mask is not None:
+        keep = keep & mask.to(keep.device)
+    w = keep.double()[:, None, None, :]  # [N, 1, 1, L]
+    return w.sum(dim=(1, 2, 3)), (x * w).sum(dim=3), (x.square() * w).sum(dim=3)
+
+
 class RunningStats:
     """Per-stream running statistics, starting from a prior (the corpus statistics).
 
@@ -153,8 +164,12 @@ class RunningStats:
         [..., L]: the frames the stream's speech detector kept (see :func:`_moments`)."""
         if self.frozen:
             return
-        n, s, ss = _moments(raw.detach().cpu(), mask)
-        if float(n) == 0:
+        self.add(*_moments(raw.detach().cpu(), mask))
+
+    def add(self, n: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> None:
+        """Add speech-frame moments (count [], sums [C, M], sums of squares [C, M]; from :func:`_moments`
+        or one row of :func:`moments_each`); no-op when frozen or when they hold no frame."""
+        if self.frozen or float(n) == 0:
             return
         self._n += n
         self._s += s

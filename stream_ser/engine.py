@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .model import EmotionModel
-from .recognizer import PaddingCache, Prediction, StreamingRecognizer, embed_and_project
+from .recognizer import (PaddingCache, Prediction, StreamingRecognizer, compute_frames, embed_and_project,
+                         make_segments)
 from .vad import score_queued
 
 
@@ -75,15 +76,16 @@ class MultiStreamEngine:
                 fed.append(rec)
             while inbox:
                 samples, arrival = inbox.popleft()
-                rec.segmenter.ingest(samples, arrival)
-        # speech detection for every stream fed, in one batch per 32 ms chunk round (not one call per
-        # stream and chunk: that serial per-stream work is what bounded the streams one engine carries)
-        score_queued([rec.segmenter.vad for rec in fed if rec.segmenter.vad is not None])
-        new: list[tuple[StreamingRecognizer, list]] = []
-        for rec in fed:
-            segs = rec.segmenter.segments()
-            if segs:
-                new.append((rec, segs))
+                rec.segmenter.take(samples, arrival)
+        # the front-end for every stream fed at once, not stream by stream (per-stream calls of a few
+        # small tensor operations each are what bounds the streams one engine carries, on a GPU most):
+        # the log-Mel frames in one call; speech detection in one batch per 32 ms chunk round; the
+        # segments' deltas and normalisation in one call each
+        segmenters = [rec.segmenter for rec in fed]
+        compute_frames(segmenters)
+        score_queued([sg.vad for sg in segmenters if sg.vad is not None])
+        new: list[tuple[StreamingRecognizer, list]] = [
+            (rec, segs) for rec, segs in zip(fed, make_segments(segmenters)) if segs]
         if not new:
             return []
         self.steps += 1

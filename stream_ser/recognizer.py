@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .adaptation import RunningStats, Stats
+from .adaptation import RunningStats, Stats, moments_each
 from .audio import check_samples
 from .model import EmotionModel
 from .vad import MIN_SPEECH_FRACTION, SpeechDetector, frame_mask, score_queued
@@ -224,7 +224,12 @@ class SegmentStream:
         """Take samples: log-Mel frames now; their speech-detection chunks wait in ``self.vad`` until
         :func:`~stream_ser.vad.score_queued` scores them (many streams' together, in the engine), which
         must happen before :meth:`segments`."""
-        cfg = self.cfg
+        self.take(samples, arrival)
+        compute_frames([self])
+
+    def take(self, samples: np.ndarray, arrival: float | None = None) -> None:
+        """Buffer samples and queue their speech-detection chunks; the log-Mel frames they complete wait
+        for :func:`compute_frames` (one call for many streams in the engine)."""
         x = check_samples(samples, "stream")
         arrival = time.perf_counter() if arrival is None else arrival
         if x.size == 0:
@@ -235,42 +240,60 @@ class SegmentStream:
         self._buf = np.concatenate([self._buf, x]) if self._buf.size else x.copy()
         if self.vad is not None:
             self.vad.queue(x)
-        k = cfg.frames_for(self._buf.size)  # new frames the buffer completes
-        if k > 0:
-            span = self._buf[: (k - 1) * cfg.hop_length + cfg.win_length]
-            with torch.no_grad():
-                lm = self.frontend.log_mel(torch.from_numpy(span).to(self.device))[0]  # [M, k]
-            self._energy = np.concatenate([self._energy, frame_energy(span, cfg.win_length, cfg.hop_length)])
-            self._frames = torch.cat([self._frames, lm], dim=1)
-            self.n_frames += k
-            self._buf = self._buf[k * cfg.hop_length:]  # no future frame needs these
         self._frontend_s += time.perf_counter() - t0
+
+    def _frame_span(self) -> np.ndarray | None:
+        """The buffered samples of the frames the buffer completes (None: not one yet)."""
+        cfg = self.cfg
+        k = cfg.frames_for(self._buf.size)
+        return self._buf[: (k - 1) * cfg.hop_length + cfg.win_length] if k > 0 else None
+
+    def _add_frames(self, span: np.ndarray, log_mel: torch.Tensor) -> None:
+        """Append the log-Mel frames [M, k] of ``span``; drop the samples no later frame needs."""
+        cfg = self.cfg
+        k = log_mel.shape[1]
+        self._energy = np.concatenate([self._energy, frame_energy(span, cfg.win_length, cfg.hop_length)])
+        self._frames = torch.cat([self._frames, log_mel], dim=1)
+        self.n_frames += k
+        self._buf = self._buf[k * cfg.hop_length:]
 
     def segments(self) -> list[Segment]:
         """The segments the frames ingested so far complete (each once)."""
-        cfg = self.cfg
-        out = []
-        while self.n_frames >= cfg.segment_frames + self.next_segment * cfg.segment_shift:
-            out.append(self._make_segment())
+        return make_segments([self])[0]
+
+    def _due(self) -> list[tuple[int, torch.Tensor]]:
+        """(index, static log-Mel [M, L]) of every segment the frames complete, oldest first."""
+        cfg, out = self.cfg, []
+        s = self.next_segment
+        while self.n_frames >= cfg.segment_frames + s * cfg.segment_shift:
+            a = s * cfg.segment_shift - self._frames_start
+            out.append((s, self._frames[:, a: a + cfg.segment_frames]))
+            s += 1
         return out
 
-    def _make_segment(self) -> Segment:
+    def _speech_mask(self, s: int) -> torch.Tensor:
+        """[L] bool: the frames of segment ``s`` that may teach the statistics (all, without a detector;
+        the level gate applies besides, :func:`~stream_ser.adaptation.speech_frames`)."""
+        if self.vad is None:
+            return torch.ones(self.cfg.segment_frames, dtype=torch.bool)
+        return torch.from_numpy(segment_speech_mask(*self.vad.history(), s, self.cfg))
+
+    def _adapt(self, moments) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict | None]:
+        """Add one segment's speech-frame moments (count, sums, sums of squares) to the running
+        statistics -> (the (mean, std) it is to be normalised with, what the prediction says of them);
+        (None, None) without speaker normalisation."""
+        if self.adaptation is None:
+            return None, None
+        self.adaptation.add(*moments)
+        cur = self.adaptation.current()
+        return (cur.mean, cur.std), self.adaptation_info()
+
+    def _finish(self, s: int, seg: torch.Tensor, frontend_s: float, adaptation: dict | None) -> Segment:
+        """Segment ``s`` with its normalised features [C, M, L] and ``adaptation`` (the statistics it was
+        normalised with, from :meth:`_adapt`): its activity, level and arrival, and the frames before the
+        next segment's start let go."""
         cfg = self.cfg
-        t0 = time.perf_counter()
-        s = self.next_segment
         a = s * cfg.segment_shift - self._frames_start
-        static = self._frames[:, a: a + cfg.segment_frames]
-        with torch.no_grad():
-            raw = self.frontend.raw_segments_from_log_mel(static[None])[0, 0]  # [C, M, L]
-            stats = None
-            if self.adaptation is not None:
-                mask = None
-                if self.vad is not None:  # frames the detector called non-speech do not teach the statistics
-                    mask = torch.from_numpy(segment_speech_mask(*self.vad.history(), s, cfg))
-                self.adaptation.update(raw, mask)
-                cur = self.adaptation.current()
-                stats = (cur.mean, cur.std)
-            seg = self.frontend.normalize(raw, stats)
         energy = self._energy[a: a + cfg.segment_frames]
         if self.vad is not None:
             activity = self.vad.speech_fraction(s * cfg.shift_samples, s * cfg.shift_samples + cfg.segment_samples)
@@ -283,14 +306,70 @@ class SegmentStream:
             self._arrivals.popleft()
         arrival = self._arrivals[0][1]
         # frames before the next segment's start are not needed any more
-        self.next_segment += 1
+        self.next_segment = s + 1
         keep_from = self.next_segment * cfg.segment_shift - self._frames_start
         self._frames = self._frames[:, keep_from:]
         self._energy = self._energy[keep_from:]
         self._frames_start += keep_from
-        fe_ms = 1e3 * (self._frontend_s + time.perf_counter() - t0)
+        fe_ms = 1e3 * (self._frontend_s + frontend_s)
         self._frontend_s = 0.0
-        return Segment(s, seg, activity, level, arrival, fe_ms, adaptation=self.adaptation_info())
+        return Segment(s, seg, activity, level, arrival, fe_ms, adaptation=adaptation)
+
+
+def compute_frames(streams: list[SegmentStream]) -> None:
+    """The log-Mel frames that the buffered samples of several streams (of one model) complete, in one
+    front-end call: a frame is a function of its own 400 samples (``stream_ser.features``), so this is
+    what each stream would compute alone, without a call per stream. Each stream is charged its share of
+    the time."""
+    todo = [(st, span) for st in streams if (span := st._frame_span()) is not None]
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    st0 = todo[0][0]
+    cfg = st0.cfg
+    frames = [torch.from_numpy(span).unfold(0, cfg.win_length, cfg.hop_length) for _, span in todo]  # [k_i, win]
+    with torch.no_grad():
+        lm = st0.frontend._log_mel_frames(torch.cat(frames).to(st0.frontend.window))  # [sum k_i, M]
+    share = (time.perf_counter() - t0) / len(todo)
+    for (st, span), x in zip(todo, lm.split([f.shape[0] for f in frames])):
+        st._add_frames(span, x.T)
+        st._frontend_s += share
+
+
+def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
+    """The segments the frames ingested so far complete, for several streams (of one model) at once, each
+    segment once: the deltas of all in one call; each stream's running statistics updated segment by
+    segment, in order, with each segment normalised by the statistics current after its own update (as
+    one stream alone does); then all normalised in one call. Speech detection must have scored the
+    streams' chunks first. -> each stream's segments, oldest first."""
+    jobs = [(st, s, static) for st in streams for s, static in st._due()]
+    if not jobs:
+        return [[] for _ in streams]
+    t0 = time.perf_counter()
+    fe = jobs[0][0].frontend
+    with torch.no_grad():
+        raw = fe._with_deltas(torch.stack([static for _, _, static in jobs]))  # [N, C, M, L]
+        adapting = [i for i, (st, _, _) in enumerate(jobs) if st.adaptation is not None]
+        moments = [None] * len(jobs)
+        if adapting:  # every segment's speech-frame moments in one call, added stream by stream in order
+            sel = torch.tensor(adapting)
+            mask = torch.stack([jobs[i][0]._speech_mask(jobs[i][1]) for i in adapting])
+            n, sm, ss = moments_each(raw[sel].detach().cpu(), mask)
+            for k, i in enumerate(adapting):
+                moments[i] = (n[k], sm[k], ss[k])
+        adapted = [st._adapt(m) for (st, _, _), m in zip(jobs, moments)]
+        stats = [x for x, _ in adapted]
+        if all(x is None for x in stats):
+            feats = fe.normalize(raw)
+        elif all(x is not None for x in stats):
+            feats = fe.normalize(raw, (torch.stack([m for m, _ in stats]), torch.stack([d for _, d in stats])))
+        else:  # streams of models with different normalisations: not one engine's; item by item
+            feats = torch.stack([fe.normalize(r, x) for r, x in zip(raw, stats)])
+    share = (time.perf_counter() - t0) / len(jobs)
+    out: dict[int, list[Segment]] = {id(st): [] for st in streams}
+    for (st, s, _), f, (_, info) in zip(jobs, feats, adapted):
+        out[id(st)].append(st._finish(s, f, share, info))
+    return [out[id(st)] for st in streams]
 
 
 class StreamingRecognizer:

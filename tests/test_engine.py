@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stream_ser.audio import load_audio
+from stream_ser.config import FrontendConfig
 from stream_ser.engine import MultiStreamEngine
 from stream_ser.model import EmotionModel
 from stream_ser.recognizer import StreamingRecognizer
@@ -20,9 +21,21 @@ def model():
     return EmotionModel().eval()
 
 
-def test_batched_streams_equal_single_streams(model, emodb_wav):
+@pytest.fixture(scope="module")
+def speaker_model():
+    """Speaker normalisation: each stream adapts its own running statistics as segments complete."""
+    torch.manual_seed(7)
+    return EmotionModel(FrontendConfig(normalization="speaker", image_size=64)).eval()
+
+
+@pytest.mark.parametrize("kind", ["segment", "speaker"])
+def test_batched_streams_equal_single_streams(model, speaker_model, emodb_wav, kind):
+    """The engine runs every stage for all its streams at once (log-Mel frames, speech detection,
+    deltas, statistics and normalisation, CNN, head): the answers are each lone stream's."""
+    model = speaker_model if kind == "speaker" else model
     audio = {f: load_audio(emodb_wav(f)).numpy() for f in FILES}
-    lone = {f: StreamingRecognizer(model).push(audio[f]) for f in FILES}
+    lones = {f: StreamingRecognizer(model) for f in FILES}
+    lone = {f: lones[f].push(audio[f]) for f in FILES}
     eng = MultiStreamEngine(model)
     for f in FILES:
         eng.add_stream(f)
@@ -45,6 +58,11 @@ def test_batched_streams_equal_single_streams(model, emodb_wav):
         b = np.array([[p.probabilities[lab] for lab in model.labels] for p in lone[f]])
         np.testing.assert_allclose(a, b, atol=1e-4)
         assert eng.streams[f].segments_embedded == eng.streams[f].segments_seen  # once each
+        if kind == "speaker":  # the same speech taught each stream's statistics, and only its own
+            assert [p.adaptation for p in got[f]] == [p.adaptation for p in lone[f]]
+            ours, theirs = eng.streams[f].adaptation.current(), lones[f].adaptation.current()
+            assert ours.speech_s > 0
+            torch.testing.assert_close(ours.mean, theirs.mean, atol=1e-4, rtol=0)
     assert max(eng.embed_batches) > 1 and max(eng.head_batches) > 1  # it did batch across streams
 
 

@@ -372,6 +372,19 @@ CPU_NOTES = [
     "slices instead of a conv1d, took it from 2851 to 7493 s/s file by file (librosa 1265 and 1529 s/s in the two "
     "runs: 2.3x -> 4.9x); the log-Mel itself (FFT and filterbank) now takes most of the time (profiled), so 20x "
     "is not in reach without a cheaper transform.",
+    "- 2026-11-26, evening, two changes not yet in the figures above: this session's machine ran about 35 % "
+    "slower than the morning's on everything, our code and librosa alike (two full int8 runs, idle: the head "
+    "0.85 -> 1.24 ms, librosa 1529 -> 999-1061 s/s, stage-1 training 50 -> 32 segments/s), so they were not "
+    "committed as this machine's run. (1) `PaddingCache`: a partial window's padding segment that equals one "
+    "embedded before (per-segment normalisation, frozen statistics, `--silence-floor`) is not embedded again, and "
+    "an engine's streams share it; in those runs the partial-window hops cost what full ones do (227 px int8 p50 "
+    "13.5 against 13.2 ms; before, partial hops embedded two segments: p99 15.9 against 10.5 ms). With live "
+    "adaptation and no floor the padding moves with the statistics and is embedded as before. (2) The engine's "
+    "front-end for all streams at once (log-Mel frames in one call, then every new segment's deltas, speech-frame "
+    "moments and normalisation in one call each): at 64 streams, 112 px, speaker normalisation, int8, profiled "
+    "with the cores otherwise idle, the front-end's share of a hop fell from about 70 to 22 ms (the CNN: about "
+    "95 ms; speech detection: 32 ms). It is the lever the GPU section names for its stream count; not yet "
+    "measured on a GPU.",
     "",
 ]
 

@@ -372,7 +372,7 @@ CPU_NOTES = [
     "slices instead of a conv1d, took it from 2851 to 7493 s/s file by file (librosa 1265 and 1529 s/s in the two "
     "runs: 2.3x -> 4.9x); the log-Mel itself (FFT and filterbank) now takes most of the time (profiled), so 20x "
     "is not in reach without a cheaper transform.",
-    "- 2026-11-26, evening, two changes not yet in the figures above: this session's machine ran about 35 % "
+    "- 2026-11-26, the session after the int8 run above: two changes not yet in its figures. This session's machine ran about 35 % "
     "slower than the morning's on everything, our code and librosa alike (two full int8 runs, idle: the head "
     "0.85 -> 1.24 ms, librosa 1529 -> 999-1061 s/s, stage-1 training 50 -> 32 segments/s), so they were not "
     "committed as this machine's run. (1) `PaddingCache`: a partial window's padding segment that equals one "

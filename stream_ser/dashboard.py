@@ -24,6 +24,9 @@ HISTORY_S = 30.0
 COLORS = {"anger": "red", "angry": "red", "boredom": "grey62", "disgust": "green", "fear": "magenta",
           "happiness": "yellow", "happy": "yellow", "sadness": "blue", "sad": "blue", "neutral": "white"}
 SILENCE_ACTIVITY = 0.15  # below this fraction of active frames, the window is shown as silence
+# RMS of the 655 ms speech segments the bundled model was trained on (1st percentile of RAVDESS's, 99th of
+# EMO-DB's; bench/level_robustness.py shows the answers move with the level): outside it, say so
+TRAINED_SPEECH_LEVEL_DBFS = (-52.0, -11.0)
 
 
 class DashboardState:
@@ -154,6 +157,11 @@ def render(state: DashboardState, width: int = 100) -> Group:
         meters.add_column()
         meters.add_column()
         meters.add_row("input level", _bar((level + 80) / 80, 30, "green"), f"{level:.1f} dBFS")
+        lo, hi = TRAINED_SPEECH_LEVEL_DBFS
+        if not silent and not lo <= level <= hi:
+            meters.add_row("", Text(f"{'quieter' if level < lo else 'louder'} than the speech the bundled model was "
+                                    f"trained on ({lo:.0f} to {hi:.0f} dBFS): its answers move with the level; "
+                                    f"{'raise' if level < lo else 'lower'} the input gain", style="yellow"), "")
         meters.add_row("speech activity", _bar(act, 30, "cyan"), f"{100 * act:.0f}%")
         ad = cur.get("adaptation")
         if ad is not None:

@@ -102,3 +102,21 @@ def test_speaker_adaptation_is_shown():
     assert "frozen: enrolled + 4.0 s" in _text(s)
     s.update(_pred(3, "anger", 0.7))  # a model without speaker normalisation: no such row
     assert "speaker adapt" not in _text(s)
+
+
+def test_speech_outside_the_trained_levels_is_flagged():
+    s = DashboardState()
+    s.update(_pred(1, "anger", 0.7))  # -23.4 dBFS: within what the model heard
+    assert "input gain" not in _text(s)
+    quiet = _pred(2, "anger", 0.7)
+    quiet["level_dbfs"] = -61.0
+    s.update(quiet)
+    assert "quieter than the speech the bundled model was trained on" in _text(s) and "raise the input gain" in _text(s)
+    loud = _pred(3, "anger", 0.7)
+    loud["level_dbfs"] = -3.0
+    s.update(loud)
+    assert "louder than" in _text(s) and "lower the input gain" in _text(s)
+    silence = _pred(4, "anger", 0.7, activity=0.0)  # no speech: the level of silence says nothing
+    silence["level_dbfs"] = -70.0
+    s.update(silence)
+    assert "input gain" not in _text(s)

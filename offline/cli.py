@@ -104,6 +104,9 @@ def _add_training_flags(p: argparse.ArgumentParser, corpus: bool = True) -> None
     g.add_argument("--silence-floor", type=float,
                    help="normalised log-Mel floor in per-bin standard deviations: lower values become -F and "
                         "their deltas 0, so silence looks alike at any level (speaker/corpus normalisation; 0: off)")
+    g.add_argument("--onset-below-peak-db", type=float,
+                   help="with --start-at-speech: the window starts at the first 10 ms frame within this many dB "
+                        "of the utterance's loudest, whatever the recording level (0: frames above -45 dBFS)")
     g.add_argument("--stage1-min-speech", type=float,
                    help="stage 1 learns only from segments with at least this fraction of speech frames (0: all)")
     g.add_argument("--start-at-speech", dest="start_at_speech", action="store_const", const=True,
@@ -133,7 +136,7 @@ OVERRIDE_KEYS = ["stage1_epochs", "stage1_batch", "stage1_lr", "stage2_epochs", 
                  "runs", "weights", "seed", "image_size", "channels", "segment_frames", "normalization", "attention",
                  "arch", "class_weights", "amp", "max_per_speaker", "lr_schedule", "label_smoothing",
                  "mask_frames", "mask_bins", "mixup", "start_at_speech", "stage1_min_speech",
-                 "silence_floor"]
+                 "silence_floor", "onset_below_peak_db"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,7 +86,7 @@ FOLD_RUN_KEYS = ("fold", "run", "seed", "uar", "wa", "confusion", "predictions",
 
 # TrainConfig fields added after runs were committed, with the value that means "off": left out of the
 # fingerprint when off, so that those runs can still be resumed and extended (--runs)
-ADDED_LATER = {"silence_floor": 0.0}
+ADDED_LATER = {"silence_floor": 0.0, "onset_below_peak_db": 0.0}
 
 
 def config_fingerprint(cfg: TrainConfig) -> str:

@@ -75,6 +75,7 @@ class TrainConfig:
     start_at_speech: bool = False  # the 3 s window starts at the speech onset (FrontendConfig.start_at_speech)
     stage1_min_speech: float = 0.0  # stage 1 learns only from segments with at least this fraction of speech frames
     silence_floor: float = 0.0  # FrontendConfig.silence_floor (0: off)
+    onset_below_peak_db: float = 0.0  # FrontendConfig.onset_below_peak_db (0: the absolute onset threshold)
 
     def __post_init__(self):
         object.__setattr__(self, "speeds", tuple(float(s) for s in self.speeds))
@@ -89,7 +90,7 @@ class TrainConfig:
         return FrontendConfig(channels=self.channels, segment_frames=self.segment_frames,
                               segment_shift=max(1, self.segment_frames // 2), image_size=self.image_size,
                               normalization=self.normalization, start_at_speech=self.start_at_speech,
-                              silence_floor=self.silence_floor)
+                              silence_floor=self.silence_floor, onset_below_peak_db=self.onset_below_peak_db)
 
     def model_config(self, labels: Sequence[str]) -> ModelConfig:
         return ModelConfig(labels=tuple(labels), arch=self.arch, attention=self.attention)

@@ -83,6 +83,10 @@ class FrontendConfig:
     # whatever its level: EMO-DB's zero padding sits at about -3.8, RAVDESS's studio noise at -2.5,
     # a live room's fan wherever the microphone puts it. 0: off (models trained before it).
     silence_floor: float = 0.0
+    # > 0 (with start_at_speech): the speech onset is the first 10 ms frame within this many dB of the
+    # utterance's loudest one, not the first above ONSET_DBFS, so that where the window starts does not
+    # depend on the recording's level (bench/level_robustness.py). 0: the absolute threshold.
+    onset_below_peak_db: float = 0.0
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -100,6 +104,10 @@ class FrontendConfig:
             raise ValueError("win_length must not exceed n_fft")
         if not 1 <= self.segment_shift <= self.segment_frames:
             raise ValueError("segment_shift must be in 1..segment_frames")
+        if self.onset_below_peak_db < 0:
+            raise ValueError(f"onset_below_peak_db must be >= 0 (0: off), got {self.onset_below_peak_db}")
+        if self.onset_below_peak_db and not self.start_at_speech:
+            raise ValueError("onset_below_peak_db places the speech onset: it needs start_at_speech")
         if self.silence_floor < 0:
             raise ValueError(f"silence_floor must be >= 0 (0: off), got {self.silence_floor}")
         if self.silence_floor and self.normalization not in ("speaker", "corpus"):
@@ -149,7 +157,8 @@ class FrontendConfig:
         """Short hash of the fields that decide the log-Mel frames (feature cache key)."""
         keys = ("sample_rate", "preemphasis", "win_length", "hop_length", "n_fft", "n_mels",
                 "f_min", "f_max", "mel_scale", "mel_norm", "log_floor", "utterance_s", "start_at_speech")
-        blob = json.dumps({k: getattr(self, k) for k in keys} | {"utt_norm": self.normalization == "utterance"},
+        extra = {"onset_below_peak_db": self.onset_below_peak_db} if self.onset_below_peak_db else {}  # keeps old keys
+        blob = json.dumps({k: getattr(self, k) for k in keys} | {"utt_norm": self.normalization == "utterance"} | extra,
                           sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -250,13 +250,19 @@ class Frontend(nn.Module):
 
     def speech_onset(self, wave: torch.Tensor) -> int:
         """First sample of the 3 s window with ``start_at_speech``: ``ONSET_MARGIN_S`` before the first
-        10 ms frame whose RMS is above ``ONSET_DBFS`` (0 when there is none). wave: [N]."""
+        10 ms frame whose RMS is above ``ONSET_DBFS`` (or, with ``onset_below_peak_db``, within that many
+        dB of the loudest frame's; 0 when there is none). wave: [N]."""
         from .config import ONSET_DBFS, ONSET_MARGIN_S
         cfg = self.config
         if wave.numel() < cfg.win_length:
             return 0
         frames = wave.unfold(0, cfg.win_length, cfg.hop_length)
-        loud = (frames.square().mean(dim=1) > 10 ** (ONSET_DBFS / 10)).nonzero()
+        power = frames.square().mean(dim=1)
+        if cfg.onset_below_peak_db:
+            threshold = power.max() * 10 ** (-cfg.onset_below_peak_db / 10)  # digital silence: 0, no onset
+        else:
+            threshold = 10 ** (ONSET_DBFS / 10)
+        loud = (power > threshold).nonzero()
         if loud.numel() == 0:
             return 0
         return max(0, int(loud[0, 0]) * cfg.hop_length - int(ONSET_MARGIN_S * cfg.sample_rate))

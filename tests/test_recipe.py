@@ -227,3 +227,27 @@ def test_committed_runs_keep_their_fingerprint_when_a_lever_is_added():
     assert recorded == {config_fingerprint(cfg)}
     import dataclasses
     assert config_fingerprint(dataclasses.replace(cfg, silence_floor=2.0)) not in recorded
+
+
+def test_onset_below_the_peak_does_not_move_with_the_level(ravdess_dir, emodb_dir):
+    """The absolute onset threshold (-45 dBFS) starts a quiet recording's window later, or not at all;
+    the one relative to the loudest frame starts it at the same sample at any gain."""
+    absolute = Frontend(FrontendConfig(start_at_speech=True))
+    relative = Frontend(FrontendConfig(start_at_speech=True, onset_below_peak_db=40.0))
+    for path in (sorted((ravdess_dir / "Actor_03").glob("*.flac"))[0], emodb_dir / "wav" / "03a01Wa.wav"):
+        wave = load_audio(path)
+        peak = float(wave.abs().max())
+        starts = {db: relative.speech_onset(wave * 10 ** (db / 20)) for db in (-30, -20, -10, 0)}
+        starts[6] = relative.speech_onset(wave * min(2.0, 0.99 / peak))  # louder, unclipped
+        assert len(set(starts.values())) == 1 and starts[0] > 0, starts
+        moved = {db: absolute.speech_onset(wave * 10 ** (db / 20)) for db in (-30, -20, 0)}
+        assert len(set(moved.values())) > 1, moved  # what it replaces does move
+    assert relative.speech_onset(torch.zeros(48000)) == 0  # digital silence: nothing to skip
+    with pytest.raises(ValueError, match="needs start_at_speech"):
+        FrontendConfig(onset_below_peak_db=40.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        FrontendConfig(start_at_speech=True, onset_below_peak_db=-1.0)
+    assert relative.config.log_mel_key() != absolute.config.log_mel_key()  # other windows, other cache
+    old = relative.config.to_dict()
+    del old["onset_below_peak_db"]  # a checkpoint made before the field existed
+    assert FrontendConfig.from_dict(old).onset_below_peak_db == 0.0

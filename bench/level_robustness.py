@@ -2,7 +2,7 @@
 gain (-30 ... +10 dB, clipped to [-1, 1]) through the offline evaluation (per-speaker statistics from the
 scaled audio, ``offline.train.evaluate_model``), against the same at 0 dB.
 
-    python -m bench.level_robustness [--checkpoint PATH] [--gains-db -10 -20 ...] [--out FILE]
+    python -m bench.level_robustness [--checkpoint PATH] [--gains-db -10 -20 ...] [--moved] [--live] [--out FILE]
 
 A microphone's gain is the user's, not the speaker's emotion: an answer that moves with it is noise.
 The per-speaker normalisation removes a constant level from the log-Mel, so what can still move the
@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ravdess", default="../shared/data/ravdess")
     ap.add_argument("--gains-db", type=float, nargs="+", default=[-10, -20, -30, 10])
     ap.add_argument("--moved", action="store_true", help="also with the onset and gate thresholds moved by the gain")
+    ap.add_argument("--live", action="store_true",
+                    help="also one live stream per corpus (a StreamingRecognizer over 20 utterances of one speaker "
+                         "in a row, speech detection and running statistics as `stream-ser live` has them)")
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args(argv)
     path = args.checkpoint or default_checkpoint()
@@ -78,9 +81,37 @@ def main(argv=None) -> int:
                   f"RAVDESS {100 * row['same_answer_ravdess']:.1f})", flush=True)
     out = {"checkpoint": str(path), "utterances": len(corpus.utterances), "date": time.strftime("%Y-%m-%d %H:%M"),
            "rows": rows}
+    if args.live:
+        out["live"] = live_agreement(model, args.emodb, args.ravdess, args.gains_db)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def live_agreement(model, emodb: str, ravdess: str, gains_db: list[float]) -> list[dict]:
+    """The same question on the live path: one speaker's first 20 utterances (0.5 s apart) as one stream,
+    pushed 320 ms at a time, at each gain; the share of windows whose label (None: no speech) is the one
+    given at 0 dB."""
+    from stream_ser.audio import load_audio
+    from stream_ser.recognizer import StreamingRecognizer
+
+    rows = []
+    for name, files in (("emodb speaker 03", sorted(Path(emodb).glob("wav/03*.wav"))[:20]),
+                        ("ravdess actor 03", sorted(Path(ravdess).glob("Actor_03/*.flac"))[:20])):
+        if not files:
+            continue
+        x = np.concatenate([np.concatenate([load_audio(f).numpy(), np.zeros(8000, np.float32)]) for f in files])
+        labels = {}
+        for db in [0.0] + list(gains_db):
+            rec = StreamingRecognizer(model)
+            y = np.clip(x * 10 ** (db / 20), -1, 1).astype(np.float32)
+            labels[db] = [p.label for i in range(0, len(y), 5120) for p in rec.push(y[i:i + 5120])]
+        for db in gains_db:
+            same = float(np.mean([a == b for a, b in zip(labels[0.0], labels[db])]))
+            rows.append({"stream": name, "gain_db": db, "windows": len(labels[0.0]), "same_label": same})
+            print(f"live, {name} ({len(files)} utterances, {len(labels[0.0])} windows), {db:+.0f} dB: "
+                  f"same label as at 0 dB {100 * same:.1f} %", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -59,13 +59,19 @@ def _moments(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch
     ``mask`` ([..., L] bool, as ``raw`` without C and M): frames a speech detector kept; a frame counts
     when it passes the level gate *and* the mask."""
     C, M, L = raw.shape[-3:]
-    x = raw.reshape(-1, C, M, L).double()
+    n, s, ss = moments_each(raw.reshape(-1, C, M, L), None if mask is None else mask.reshape(-1, L))
+    return n.sum(), s.sum(dim=0), ss.sum(dim=0)
+
+
+def moments_each(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_moments` of each of N segments [N, C, M, L] at once: counts [N], sums and sums of squares
+    [N, C, M] (float64); ``mask`` [N, L] as there. What :meth:`RunningStats.add` takes."""
+    x = raw.double()
     keep = speech_frames(x)
     if mask is not None:
-        keep = keep & mask.reshape(-1, L).to(keep.device)
+        keep = keep & mask.to(keep.device)
     w = keep.double()[:, None, None, :]  # [N, 1, 1, L]
-    n = w.sum()
-    return n, (x * w).sum(dim=(0, 3)), (x.square() * w).sum(dim=(0, 3))
+    return w.sum(dim=(1, 2, 3)), (x * w).sum(dim=3), (x.square() * w).sum(dim=3)
 
 
 @dataclass
@@ -117,17 +123,6 @@ def stats_by_group(raw: torch.Tensor, groups: list[str]) -> tuple[torch.Tensor, 
         mean[idx] = st.mean.to(raw)
         std[idx] = st.std.to(raw)
     return mean, std
-
-
-def moments_each(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_moments` of each of N segments [N, C, M, L] at once: counts [N], sums and sums of squares
-    [N, C, M] (float64); ``mask`` [N, L] as there. What :meth:`RunningStats.add` takes."""
-    x = raw.double()
-    keep = speech_frames(x)
-    if mask is not None:
-        keep = keep & mask.to(keep.device)
-    w = keep.double()[:, None, None, :]  # [N, 1, 1, L]
-    return w.sum(dim=(1, 2, 3)), (x * w).sum(dim=3), (x.square() * w).sum(dim=3)
 
 
 class RunningStats:

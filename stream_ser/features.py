@@ -98,12 +98,10 @@ class Frontend(nn.Module):
         power = spec.real.square() + spec.imag.square()
         return (power @ self.mel_fb).clamp_min(cfg.log_floor).log()  # [..., M]
 
-    def segments_many(self, waves, stats=None) -> list[torch.Tensor]:
-        """Whole files of any lengths at once: a list of [N_i] -> a list of segments [S_i, C, M, L], each
-        equal to ``segments(wave)[0]``. The frames of every file go through one FFT and one filterbank
-        product, and the segments of every file through one delta and one normalisation call, so a corpus
-        costs a few large operations instead of a few small ones per file. ``stats`` as in :meth:`normalize`
-        (one speaker's, shared by all the files)."""
+    def log_mel_many(self, waves) -> list[torch.Tensor]:
+        """Several waveforms (a list of [N_i]) -> their log-Mel frames, a list of [T_i, M] (:meth:`log_mel`
+        of each, transposed), through one FFT and one filterbank product: a frame depends on its own
+        samples only, so batching changes nothing but the number of calls."""
         cfg = self.config
         frames, counts = [], []
         for w in waves:
@@ -113,14 +111,23 @@ class Frontend(nn.Module):
                 frames.append(w.unfold(0, cfg.win_length, cfg.hop_length))
         log_mel = (self._log_mel_frames(torch.cat(frames)) if frames
                    else self.window.new_zeros(0, cfg.n_mels))  # [sum T_i, M]
+        return list(log_mel.split(counts))
+
+    def segments_many(self, waves, stats=None) -> list[torch.Tensor]:
+        """Whole files of any lengths at once: a list of [N_i] -> a list of segments [S_i, C, M, L], each
+        equal to ``segments(wave)[0]``. The frames of every file go through one FFT and one filterbank
+        product, and the segments of every file through one delta and one normalisation call, so a corpus
+        costs a few large operations instead of a few small ones per file. ``stats`` as in :meth:`normalize`
+        (one speaker's, shared by all the files)."""
+        cfg = self.config
         statics, n_segs = [], []
-        for lm in log_mel.split(counts):
+        for lm in self.log_mel_many(waves):
             S = cfg.segments_for_frames(lm.shape[0])
             n_segs.append(S)
             if S:
                 statics.append(lm.T.unfold(-1, cfg.segment_frames, cfg.segment_shift).transpose(0, 1))  # [S, M, L]
         if not statics:
-            return [self.window.new_zeros(0, cfg.channels, cfg.n_mels, cfg.segment_frames) for _ in counts]
+            return [self.window.new_zeros(0, cfg.channels, cfg.n_mels, cfg.segment_frames) for _ in n_segs]
         raw = self._with_deltas(torch.cat(statics))  # [sum S_i, C, M, L]
         return list(self.normalize(raw, stats).split(n_segs))
 

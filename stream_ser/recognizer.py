@@ -278,12 +278,10 @@ class SegmentStream:
             return torch.ones(self.cfg.segment_frames, dtype=torch.bool)
         return torch.from_numpy(segment_speech_mask(*self.vad.history(), s, self.cfg))
 
-    def _adapt(self, moments) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict | None]:
+    def _adapt(self, moments) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
         """Add one segment's speech-frame moments (count, sums, sums of squares) to the running
-        statistics -> (the (mean, std) it is to be normalised with, what the prediction says of them);
-        (None, None) without speaker normalisation."""
-        if self.adaptation is None:
-            return None, None
+        statistics (speaker normalisation) -> (the (mean, std) it is to be normalised with, what the
+        prediction says of them)."""
         self.adaptation.add(*moments)
         cur = self.adaptation.current()
         return (cur.mean, cur.std), self.adaptation_info()
@@ -325,13 +323,10 @@ def compute_frames(streams: list[SegmentStream]) -> None:
     if not todo:
         return
     t0 = time.perf_counter()
-    st0 = todo[0][0]
-    cfg = st0.cfg
-    frames = [torch.from_numpy(span).unfold(0, cfg.win_length, cfg.hop_length) for _, span in todo]  # [k_i, win]
     with torch.no_grad():
-        lm = st0.frontend._log_mel_frames(torch.cat(frames).to(st0.frontend.window))  # [sum k_i, M]
+        lms = todo[0][0].frontend.log_mel_many([torch.from_numpy(span) for _, span in todo])  # [k_i, M] each
     share = (time.perf_counter() - t0) / len(todo)
-    for (st, span), x in zip(todo, lm.split([f.shape[0] for f in frames])):
+    for (st, span), x in zip(todo, lms):
         st._add_frames(span, x.T)
         st._frontend_s += share
 
@@ -349,25 +344,16 @@ def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
     fe = jobs[0][0].frontend
     with torch.no_grad():
         raw = fe._with_deltas(torch.stack([static for _, _, static in jobs]))  # [N, C, M, L]
-        adapting = [i for i, (st, _, _) in enumerate(jobs) if st.adaptation is not None]
-        moments = [None] * len(jobs)
-        if adapting:  # every segment's speech-frame moments in one call, added stream by stream in order
-            sel = torch.tensor(adapting)
-            mask = torch.stack([jobs[i][0]._speech_mask(jobs[i][1]) for i in adapting])
-            n, sm, ss = moments_each(raw[sel].detach().cpu(), mask)
-            for k, i in enumerate(adapting):
-                moments[i] = (n[k], sm[k], ss[k])
-        adapted = [st._adapt(m) for (st, _, _), m in zip(jobs, moments)]
-        stats = [x for x, _ in adapted]
-        if all(x is None for x in stats):
-            feats = fe.normalize(raw)
-        elif all(x is not None for x in stats):
+        if jobs[0][0].adaptation is None:  # one model, so no stream adapts (not speaker-normalised)
+            feats, infos = fe.normalize(raw), [None] * len(jobs)
+        else:  # every segment's speech-frame moments in one call, added stream by stream in order
+            mask = torch.stack([st._speech_mask(s) for st, s, _ in jobs])
+            n, sm, ss = moments_each(raw.detach().cpu(), mask)
+            stats, infos = zip(*(st._adapt((n[k], sm[k], ss[k])) for k, (st, _, _) in enumerate(jobs)))
             feats = fe.normalize(raw, (torch.stack([m for m, _ in stats]), torch.stack([d for _, d in stats])))
-        else:  # streams of models with different normalisations: not one engine's; item by item
-            feats = torch.stack([fe.normalize(r, x) for r, x in zip(raw, stats)])
     share = (time.perf_counter() - t0) / len(jobs)
     out: dict[int, list[Segment]] = {id(st): [] for st in streams}
-    for (st, s, _), f, (_, info) in zip(jobs, feats, adapted):
+    for (st, s, _), f, info in zip(jobs, feats, infos):
         out[id(st)].append(st._finish(s, f, share, info))
     return [out[id(st)] for st in streams]
 

@@ -353,8 +353,9 @@ CPU_NOTES = [
     "- Per-hop latency counts the first 7 hops of each stream (partial windows), which also embed a padding "
     "segment; it rides in the same embedder batch as the new segment since 2026-11-26. At 227 px int8, full "
     "windows alone: p99 10.5 ms; partial ones: p99 15.9 ms (22.2 ms before that change).",
-    "- The GPU figures (targets: one stream p99 < 5 ms, >= 2000 streams) are in the nvidia-h200 section: one "
-    "`python -m bench.run --device cuda` run, from the second of the two sessions that were lent a GPU.",
+    "- The GPU figures (targets: one stream p99 < 5 ms, >= 2000 streams) are in the nvidia-h100-80gb-hbm3 section "
+    "(the third session lent a GPU, after the engine's batched front-end) and the nvidia-h200 section (the second, "
+    "before it): one `python -m bench.run --device cuda` run each.",
     "- The front-end: batching whole files (`Frontend.segments_many`: every file's frames in one FFT and one "
     "filterbank product) was measured against file-by-file at 128 and 16 files per call: 1557 and 2965 s/s "
     "against 3560 and 3354 s/s file by file, so it does not help here. The work is bound by the FFT and memory "

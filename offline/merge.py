@@ -104,7 +104,8 @@ def merge_runs(parts: list[Path], out: Path, command: str = "") -> dict:
         "summary": summarize(fold_runs, base["labels"]) if fold_runs else {},
         "parts": [{"path": str(p), "command": r.get("command", ""), "machine": r.get("machine"),
                    "folds": sorted({rec["fold"] for rec in r["fold_runs"]}),
-                   "wall_seconds": r.get("wall_seconds_this_session")} for p, r in zip(parts, results)],
+                   "wall_seconds": r.get("wall_seconds_this_session"),
+                   "compute_seconds": sum(rec["seconds"] for rec in r["fold_runs"])} for p, r in zip(parts, results)],
     }
     out.mkdir(parents=True, exist_ok=True)
     for rec in fold_runs:

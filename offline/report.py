@@ -16,6 +16,14 @@ PAPER = {
 }
 
 
+def _part_time(part: dict) -> str:
+    """A merged part's wall time; a part resumed from fold-runs made earlier says so (its wall time is not theirs)."""
+    wall, compute = part.get("wall_seconds"), part.get("compute_seconds")
+    if compute and (wall or 0) < compute / 2:
+        return f" (resumed: its fold-runs were made earlier, {compute / 60:.1f} min)"
+    return f" ({wall / 60:.1f} min)" if wall else ""
+
+
 def paper_reference(corpus: str, cfg: dict) -> tuple[str, tuple[float, float]] | None:
     """The paper's number for the setting closest to ``cfg`` (one changed factor at most)."""
     ref = PAPER.get(corpus)
@@ -89,8 +97,7 @@ def render_markdown(results: dict) -> str:
     if results.get("parts"):  # ser-offline merge: fold subsets run side by side, records copied unchanged
         lines += [f"Merged from {len(results['parts'])} runs on parts of the folds (`ser-offline merge`; records "
                   "unchanged):", ""]
-        lines += [f"- folds {', '.join(p['folds'])}: `{p['command']}`"
-                  + (f" ({p['wall_seconds'] / 60:.1f} min)" if p.get("wall_seconds") else "") for p in results["parts"]]
+        lines += [f"- folds {', '.join(p['folds'])}: `{p['command']}`" + _part_time(p) for p in results["parts"]]
         lines += ["", "Each part's time is its own wall time; parts that ran side by side overlap, so the compute "
                   "time below is their sum, not the time the whole run took.", ""]
     failed = results.get("failed") or []

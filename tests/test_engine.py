@@ -76,3 +76,33 @@ def test_streams_come_and_go(model):
     assert eng.step() == []
     with pytest.raises(KeyError):
         eng.feed("a", np.zeros(10, np.float32))
+
+
+@pytest.mark.cuda
+def test_engine_on_cuda_equals_cpu(speaker_model, emodb_wav):
+    """The batched front-end (log-Mel frames, speech masks, statistics, normalisation) and the CNN on the
+    GPU give the CPU's answers and statistics, with live speaker adaptation on."""
+    audio = {f: load_audio(emodb_wav(f)).numpy() for f in FILES}
+    gpu_model = EmotionModel(speaker_model.frontend_config).eval()
+    gpu_model.load_state_dict(speaker_model.state_dict())
+    engines = {"cpu": MultiStreamEngine(speaker_model), "cuda": MultiStreamEngine(gpu_model.to("cuda"))}
+    got = {}
+    for name, eng in engines.items():
+        for f in FILES:
+            eng.add_stream(f)
+        preds = []
+        for start in range(0, max(len(a) for a in audio.values()), 5120):  # 320 ms chunks, all streams per step
+            for f in FILES:
+                if start < len(audio[f]):
+                    eng.feed(f, audio[f][start:start + 5120])
+            preds += eng.step()
+        got[name] = preds
+    assert [(p.stream, p.seq) for p in got["cuda"]] == [(p.stream, p.seq) for p in got["cpu"]]
+    labels = speaker_model.labels
+    a = np.array([[p.probabilities[lab] for lab in labels] for p in got["cuda"]])
+    b = np.array([[p.probabilities[lab] for lab in labels] for p in got["cpu"]])
+    np.testing.assert_allclose(a, b, atol=2e-3)
+    for f in FILES:
+        ours, theirs = engines["cuda"].streams[f].adaptation.current(), engines["cpu"].streams[f].adaptation.current()
+        assert ours.speech_s == pytest.approx(theirs.speech_s)
+        torch.testing.assert_close(ours.mean.cpu(), theirs.mean, atol=1e-3, rtol=0)

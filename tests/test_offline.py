@@ -441,3 +441,12 @@ def test_gpu_folds_script_runs_fold_runs_side_by_side_and_merges(emodb_dir, tmp_
     p = subprocess.run(["bash", str(root / "scripts" / "gpu-folds.sh"), str(tmp_path / "late"), "5", recipe],
                        env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert "4 fold-runs not started" in p.stdout
+
+
+def test_merged_part_resumed_from_earlier_records_says_so():
+    from offline.report import _part_time
+    assert _part_time({"wall_seconds": 240.0, "compute_seconds": 230.0}) == " (4.0 min)"
+    # a part whose fold-runs were all found finished took seconds now; its records' time is what it cost
+    assert _part_time({"wall_seconds": 2.0, "compute_seconds": 390.0}) == \
+        " (resumed: its fold-runs were made earlier, 6.5 min)"
+    assert _part_time({"wall_seconds": None}) == ""

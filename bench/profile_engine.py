@@ -1,0 +1,76 @@
+"""Where one engine hop goes at N streams: cProfile over hops fed as fast as possible (not on the real-time clock).
+
+    python -m bench.profile_engine --device cuda --streams 256 --image-size 227 [--normalization speaker]
+
+Prints the milliseconds per hop and the functions by own time and by cumulative time. Used to find what
+bounds the engine's stream count (docs/benchmarks.md); a profile, not a benchmark figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import numpy as np
+import torch
+
+from bench.run import _files
+from stream_ser.audio import load_audio
+from stream_ser.config import FrontendConfig
+from stream_ser.engine import MultiStreamEngine
+from stream_ser.model import EmotionModel
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.profile_engine", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=227)
+    ap.add_argument("--normalization", default="segment", choices=("segment", "speaker"))
+    ap.add_argument("--hops", type=int, default=10, help="profiled hops (after 3 unprofiled ones)")
+    ap.add_argument("--top", type=int, default=20, help="functions listed per ordering")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    model = EmotionModel(FrontendConfig(image_size=args.image_size, normalization=args.normalization)).to(dev).eval()
+    audio = [load_audio(f).numpy() for f in _files(12, min_s=3.5)]
+    cfg = model.frontend_config
+    warm = cfg.segment_samples + (cfg.segments_per_utterance - 2) * cfg.shift_samples  # one hop short of a window
+    eng, srcs = MultiStreamEngine(model), []
+    for i in range(args.streams):
+        a = audio[i % len(audio)]
+        x = np.tile(a, 1 + (warm + (args.hops + 3) * cfg.shift_samples) // len(a))
+        eng.add_stream(f"s{i}")
+        eng.feed(f"s{i}", x[:warm])
+        srcs.append((f"s{i}", x))
+    eng.step()
+
+    def hop(h: int) -> None:
+        for sid, x in srcs:
+            start = warm + h * cfg.shift_samples
+            eng.feed(sid, x[start:start + cfg.shift_samples])
+        eng.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for h in range(3):  # warm-up: caches, cuDNN plans
+        hop(h)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for h in range(3, 3 + args.hops):
+        hop(h)
+    prof.disable()
+    ms = 1e3 * (time.perf_counter() - t0) / args.hops
+    print(f"{dev} {args.streams} streams, {args.image_size} px, {args.normalization} normalisation: "
+          f"{ms:.1f} ms per hop (profiled)")
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(args.top)
+    stats.sort_stats("cumulative").print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

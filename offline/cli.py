@@ -107,6 +107,10 @@ def _add_training_flags(p: argparse.ArgumentParser, corpus: bool = True) -> None
     g.add_argument("--onset-below-peak-db", type=float,
                    help="with --start-at-speech: the window starts at the first 10 ms frame within this many dB "
                         "of the utterance's loudest, whatever the recording level (0: frames above -45 dBFS)")
+    g.add_argument("--log-floor", type=float,
+                   help="Mel power floor before the log (default 1e-10). Lower (1e-14) keeps a quiet microphone's "
+                        "pauses and high bands off the floor, so they move with the gain as speech does; use it "
+                        "with --silence-floor, which keeps digital silence (zero padding) from extreme values")
     g.add_argument("--stage1-min-speech", type=float,
                    help="stage 1 learns only from segments with at least this fraction of speech frames (0: all)")
     g.add_argument("--start-at-speech", dest="start_at_speech", action="store_const", const=True,
@@ -136,7 +140,7 @@ OVERRIDE_KEYS = ["stage1_epochs", "stage1_batch", "stage1_lr", "stage2_epochs", 
                  "runs", "weights", "seed", "image_size", "channels", "segment_frames", "normalization", "attention",
                  "arch", "class_weights", "amp", "max_per_speaker", "lr_schedule", "label_smoothing",
                  "mask_frames", "mask_bins", "mixup", "start_at_speech", "stage1_min_speech",
-                 "silence_floor", "onset_below_peak_db"]
+                 "silence_floor", "onset_below_peak_db", "log_floor"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from stream_ser.model import compact_copy, quantize_for_cpu
 
 from .corpora import Corpus
 from .metrics import summarize
-from .train import FeatureBank, TrainConfig, evaluate_model, save_json, train_model
+from .train import LOG_FLOOR, FeatureBank, TrainConfig, evaluate_model, save_json, train_model
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ FOLD_RUN_KEYS = ("fold", "run", "seed", "uar", "wa", "confusion", "predictions",
 
 # TrainConfig fields added after runs were committed, with the value that means "off": left out of the
 # fingerprint when off, so that those runs can still be resumed and extended (--runs)
-ADDED_LATER = {"silence_floor": 0.0, "onset_below_peak_db": 0.0}
+ADDED_LATER = {"silence_floor": 0.0, "onset_below_peak_db": 0.0, "log_floor": LOG_FLOOR}
 
 
 def config_fingerprint(cfg: TrainConfig) -> str:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from stream_ser.adaptation import speech_frames, stats_by_group
 from stream_ser.audio import AudioError
-from stream_ser.config import FrontendConfig, ModelConfig
+from stream_ser.config import LOG_FLOOR, FrontendConfig, ModelConfig
 from stream_ser.features import Frontend
 from stream_ser.model import EmotionModel
 
@@ -76,6 +76,7 @@ class TrainConfig:
     stage1_min_speech: float = 0.0  # stage 1 learns only from segments with at least this fraction of speech frames
     silence_floor: float = 0.0  # FrontendConfig.silence_floor (0: off)
     onset_below_peak_db: float = 0.0  # FrontendConfig.onset_below_peak_db (0: the absolute onset threshold)
+    log_floor: float = LOG_FLOOR  # FrontendConfig.log_floor: Mel power floor before the log
 
     def __post_init__(self):
         object.__setattr__(self, "speeds", tuple(float(s) for s in self.speeds))
@@ -90,7 +91,8 @@ class TrainConfig:
         return FrontendConfig(channels=self.channels, segment_frames=self.segment_frames,
                               segment_shift=max(1, self.segment_frames // 2), image_size=self.image_size,
                               normalization=self.normalization, start_at_speech=self.start_at_speech,
-                              silence_floor=self.silence_floor, onset_below_peak_db=self.onset_below_peak_db)
+                              silence_floor=self.silence_floor, onset_below_peak_db=self.onset_below_peak_db,
+                              log_floor=self.log_floor)
 
     def model_config(self, labels: Sequence[str]) -> ModelConfig:
         return ModelConfig(labels=tuple(labels), arch=self.arch, attention=self.attention)

@@ -22,16 +22,28 @@ Where the statistics come from:
   back to the corpus; ``frozen`` stops updates (then streaming equals offline
   exactly, DESIGN.md invariant 1).
 
-A frame counts as speech when its total log-Mel power (log-sum-exp over the Mel
-bins of the static channel) is above :data:`SPEECH_GATE_LOG_POWER`: about
--55 dBFS frame RMS, which leaves out digital silence, the zero padding of short
-utterances and quiet pauses. Live (and for enrolment and whole files), where a
-stream has its speech detector (silero-vad, the default), a frame must also lie
-in a 32 ms chunk the detector called speech: a room's fan, keyboard or music is
-often louder than -55 dBFS and would otherwise be learnt as the speaker's voice.
-Offline training and evaluation use the level gate alone (the corpora are studio
-recordings, where the two agree on nearly every frame), so the committed results
-keep their definition. Statistics are over frames of the segments, so the
+Which frames count as speech:
+
+- **offline training and evaluation** (no speech detector): a frame whose total
+  log-Mel power (log-sum-exp over the Mel bins of the static channel) is above
+  :data:`SPEECH_GATE_LOG_POWER`, about -55 dBFS frame RMS, which leaves out
+  digital silence, the zero padding of short utterances and quiet pauses of
+  these studio recordings;
+- **live, enrolment and whole files with a speech detector** (silero-vad, the
+  default): the frames of the 32 ms chunks the detector called speech (or has
+  no verdict on yet), and no level threshold but one that leaves out digital
+  silence (:data:`DIGITAL_SILENCE_LOG_POWER`, about -92 dBFS). A room's fan,
+  keyboard or music is often louder than
+  -55 dBFS (the detector keeps it out), and a quiet microphone puts speech under
+  it: with the level gate, a stream 20 dB quieter kept half its speech frames,
+  so its statistics, and its answers, moved with the microphone's gain. On the
+  studio corpora at their recorded level the two definitions agree on nearly
+  every frame, so the statistics a model was trained with are the ones it gets.
+
+While a stream has seen little speech, the corpus prior it pools with follows the
+speaker's level (:meth:`RunningStats.current`): a gain shifts every static
+log-Mel bin by one constant, so only the prior's spectral shape and spread are
+taken, not the corpus's recording level. Statistics are over frames of the segments, so the
 overlap of consecutive segments counts most frames twice, identically offline and live.
 """
 
@@ -43,6 +55,7 @@ import torch
 
 # --- constants ----------------------------------------------------------------------
 SPEECH_GATE_LOG_POWER = -9.5  # natural log of summed Mel power; ~ -55 dBFS frame RMS (EMO-DB and RAVDESS speech)
+DIGITAL_SILENCE_LOG_POWER = -18.0  # ~ -92 dBFS: with a speech detector, only digital silence and padding are out
 PRIOR_FRAMES = 300.0  # live warm-up: corpus statistics count as 3 s of speech frames
 MIN_FRAMES = 2.0  # fewer speech frames than this: statistics fall back to the prior
 STD_FLOOR = 1e-3  # a bin that never varied does not blow up
@@ -56,8 +69,8 @@ def speech_frames(raw: torch.Tensor) -> torch.Tensor:
 def _moments(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Speech-frame count, sum and sum of squares per channel and Mel bin ([], [C, M], [C, M]; float64).
 
-    ``mask`` ([..., L] bool, as ``raw`` without C and M): frames a speech detector kept; a frame counts
-    when it passes the level gate *and* the mask."""
+    ``mask`` ([..., L] bool, as ``raw`` without C and M): the frames a speech detector kept, which then
+    count instead of those over the level gate (digital silence excepted)."""
     C, M, L = raw.shape[-3:]
     n, s, ss = moments_each(raw.reshape(-1, C, M, L), None if mask is None else mask.reshape(-1, L))
     return n.sum(), s.sum(dim=0), ss.sum(dim=0)
@@ -67,9 +80,10 @@ def moments_each(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[t
     """:func:`_moments` of each of N segments [N, C, M, L] at once: counts [N], sums and sums of squares
     [N, C, M] (float64); ``mask`` [N, L] as there. What :meth:`RunningStats.add` takes."""
     x = raw.double()
-    keep = speech_frames(x)
-    if mask is not None:
-        keep = keep & mask.to(keep.device)
+    if mask is None:
+        keep = speech_frames(x)
+    else:
+        keep = mask.to(x.device).bool() & (torch.logsumexp(x[:, 0], dim=-2) > DIGITAL_SILENCE_LOG_POWER)
     w = keep.double()[:, None, None, :]  # [N, 1, 1, L]
     return w.sum(dim=(1, 2, 3)), (x * w).sum(dim=3), (x.square() * w).sum(dim=3)
 
@@ -177,14 +191,24 @@ class RunningStats:
         self.update(raw, mask)
 
     def current(self) -> Stats:
-        """Prior and speech seen so far, pooled: the prior weighs as ``prior_frames`` frames."""
+        """Prior and speech seen so far, pooled: the prior weighs as ``prior_frames`` frames.
+
+        Once speech has been seen, the prior's static channel (0) is moved to the speaker's level: by
+        the mean over Mel bins of (speaker mean - prior mean). A microphone's gain adds one constant to
+        every static log-Mel bin; without the shift the corpus prior would pull a quiet or loud stream's
+        statistics towards the corpus's recording level for its first minutes, and its answers with them.
+        The deltas do not depend on the level."""
         if self._cache is None:
             p, n0 = self.prior, self.prior_frames
             if n0 + float(self._n) <= 0:
                 return Stats(p.mean.float(), p.std.float(), 0.0)
+            prior_mean = p.mean
+            if float(self._n) > 0:
+                prior_mean = p.mean.clone()
+                prior_mean[0] += (self._s[0] / self._n).mean() - p.mean[0].mean()
             n = n0 + self._n
-            s = n0 * p.mean + self._s
-            ss = n0 * (p.std.square() + p.mean.square()) + self._ss
+            s = n0 * prior_mean + self._s
+            ss = n0 * (p.std.square() + prior_mean.square()) + self._ss
             mean = s / n
             std = (ss / n - mean.square()).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
             self._cache = Stats(mean.float(), std.float(), float(self._n))

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .adaptation import RunningStats, Stats, moments_each
+from .adaptation import RunningStats, Stats, moments_each, speech_frames
 from .audio import check_samples
 from .model import EmotionModel
 from .vad import MIN_SPEECH_FRACTION, SpeechDetector, frame_mask, score_queued
@@ -271,11 +271,11 @@ class SegmentStream:
             s += 1
         return out
 
-    def _speech_mask(self, s: int) -> torch.Tensor:
-        """[L] bool: the frames of segment ``s`` that may teach the statistics (all, without a detector;
-        the level gate applies besides, :func:`~stream_ser.adaptation.speech_frames`)."""
+    def _speech_mask(self, s: int) -> torch.Tensor | None:
+        """[L] bool: the frames of segment ``s`` the speech detector kept (those with no verdict yet too);
+        None without a detector: then the level gate decides (:func:`~stream_ser.adaptation.speech_frames`)."""
         if self.vad is None:
-            return torch.ones(self.cfg.segment_frames, dtype=torch.bool)
+            return None
         return torch.from_numpy(segment_speech_mask(*self.vad.history(), s, self.cfg))
 
     def _adapt(self, moments) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
@@ -347,8 +347,12 @@ def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
         if jobs[0][0].adaptation is None:  # one model, so no stream adapts (not speaker-normalised)
             feats, infos = fe.normalize(raw), [None] * len(jobs)
         else:  # every segment's speech-frame moments in one call, added stream by stream in order
-            mask = torch.stack([st._speech_mask(s) for st, s, _ in jobs])
-            n, sm, ss = moments_each(raw.detach().cpu(), mask)
+            raw_cpu = raw.detach().cpu()
+            masks = [st._speech_mask(s) for st, s, _ in jobs]
+            if any(m is None for m in masks):  # a stream without a detector: its frames over the level gate
+                level = speech_frames(raw_cpu)
+                masks = [level[k] if m is None else m for k, m in enumerate(masks)]
+            n, sm, ss = moments_each(raw_cpu, torch.stack(masks))
             stats, infos = zip(*(st._adapt((n[k], sm[k], ss[k])) for k, (st, _, _) in enumerate(jobs)))
             feats = fe.normalize(raw, (torch.stack([m for m, _ in stats]), torch.stack([d for _, d in stats])))
     share = (time.perf_counter() - t0) / len(jobs)

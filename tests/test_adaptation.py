@@ -3,6 +3,8 @@ running statistics converge to the offline ones, each stream keeps its own."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -201,8 +203,31 @@ def test_running_stats_frozen_and_enrolled():
     rs.update(x)
     assert rs.frames == 32
     cur = rs.current()
-    expected = (10 * prior.mean + 32 * x.permute(2, 3, 0, 1, 4).reshape(3, 4, -1).mean(-1)) / 42
+    own = x.permute(2, 3, 0, 1, 4).reshape(3, 4, -1).mean(-1)
+    shifted = prior.mean.clone()
+    shifted[0] += own[0].mean() - prior.mean[0].mean()  # the prior's static channel at the speaker's level
+    expected = (10 * shifted + 32 * own) / 42
     torch.testing.assert_close(cur.mean, expected.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cur.mean[1:], ((10 * prior.mean + 32 * own) / 42)[1:].float())  # deltas: plain
+
+
+def test_running_statistics_do_not_move_with_the_microphone_gain():
+    """A gain adds one constant to every static log-Mel value. With the prior following the speaker's
+    level, the running statistics move by that constant (mean) and not at all (std), however little speech
+    they have seen; without the shift the corpus prior would pull them towards its own level."""
+    gen = torch.Generator().manual_seed(0)
+    prior = Stats(torch.randn(3, 8, generator=gen), 1 + torch.rand(3, 8, generator=gen), 0.0)
+    x = torch.randn(1, 3, 3, 8, 64, generator=gen) - 2.0  # three segments of speech-level frames
+    for gain_ln in (-6.9, 2.3):  # -30 dB and +10 dB in natural-log power units
+        y = x.clone()
+        y[:, :, 0] += gain_ln
+        a, b = RunningStats(prior), RunningStats(prior)
+        a.update(x, torch.ones(1, 3, 64, dtype=torch.bool))
+        b.update(y, torch.ones(1, 3, 64, dtype=torch.bool))
+        ca, cb = a.current(), b.current()
+        torch.testing.assert_close(cb.mean[0], ca.mean[0] + gain_ln, atol=1e-4, rtol=0)
+        torch.testing.assert_close(cb.mean[1:], ca.mean[1:])
+        torch.testing.assert_close(cb.std, ca.std, atol=1e-4, rtol=0)
 
 
 def test_silence_floor_makes_silence_level_independent(emodb_wav):
@@ -251,3 +276,19 @@ def test_padding_segment_is_embedded_once_with_the_floor_only(model, emodb_wav):
         assert rec.adaptation.speech_s > 0  # the statistics did move
     assert (plain.padding_cache.misses, plain.padding_cache.hits) == (7, 0)
     assert (floored.padding_cache.misses, floored.padding_cache.hits) == (1, 6)
+
+
+def test_with_a_speech_detector_its_verdicts_decide_and_not_the_level():
+    """Quiet speech (a microphone 30 dB down) is under the offline level gate; where a speech detector kept
+    the frames, they count all the same. Digital silence never counts; without a detector, the gate decides."""
+    from stream_ser.adaptation import DIGITAL_SILENCE_LOG_POWER, SPEECH_GATE_LOG_POWER, moments_each
+    M, L = 8, 6
+    logp = torch.tensor([SPEECH_GATE_LOG_POWER + 3, SPEECH_GATE_LOG_POWER - 3, SPEECH_GATE_LOG_POWER - 6,
+                         DIGITAL_SILENCE_LOG_POWER - 1, SPEECH_GATE_LOG_POWER + 1, SPEECH_GATE_LOG_POWER - 2])
+    raw = torch.zeros(1, 3, M, L)
+    raw[0, 0] = (logp - math.log(M))[None, :]  # every bin equal: the frame's summed power is exp(logp)
+    detector = torch.tensor([[True, True, True, True, False, True]])
+    n_gate = moments_each(raw)[0]
+    n_det = moments_each(raw, detector)[0]
+    assert n_gate.item() == 2  # frames 0 and 4: over the gate
+    assert n_det.item() == 4  # frames 0, 1, 2, 5: kept by the detector, over digital silence (3 is not)

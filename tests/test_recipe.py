@@ -226,7 +226,8 @@ def test_committed_runs_keep_their_fingerprint_when_a_lever_is_added():
     recorded = {json.loads(p.read_text())["config_fingerprint"] for p in (run / "folds").glob("*.json")}
     assert recorded == {config_fingerprint(cfg)}
     import dataclasses
-    assert config_fingerprint(dataclasses.replace(cfg, silence_floor=2.0)) not in recorded
+    for lever in ({"silence_floor": 2.0}, {"onset_below_peak_db": 40.0}, {"log_floor": 1e-14}):
+        assert config_fingerprint(dataclasses.replace(cfg, **lever)) not in recorded, lever
 
 
 def test_onset_below_the_peak_does_not_move_with_the_level(ravdess_dir, emodb_dir):

@@ -69,7 +69,7 @@ def test_short_file_gets_a_whole_file_answer_like_the_offline_model(model, emodb
     last = (rec.push(wave.numpy()[onset:]) + rec.flush())[-1]
     assert last.partial
     # int8: a segment embedded alone (streaming) and in a batch (whole file) differ by rounding
-    assert last.probabilities == pytest.approx(r.probabilities, abs=2e-3)
+    assert last.probabilities == pytest.approx(r.probabilities, abs=3e-3)
     stats = None
     if m.frontend_config.normalization == "speaker":  # the file's own speech, pooled with the corpus statistics
         from stream_ser.adaptation import RunningStats

@@ -29,10 +29,6 @@ GAP_NOISE_RMS = 10 ** (-70 / 20)  # a microphone's own noise between the utteran
 
 
 def main(argv=None) -> int:
-    import offline.train as train
-    import stream_ser.adaptation as adaptation
-    import stream_ser.config as config
-    from offline.corpora import load_corpus
     from stream_ser.assets import default_checkpoint
     from stream_ser.model import load_checkpoint
 
@@ -51,14 +47,27 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     path = args.checkpoint or default_checkpoint()
     model = load_checkpoint(path, "cpu")
-    corpus = load_corpus("emodb+ravdess", f"{args.emodb},{args.ravdess}")
+    out = {"checkpoint": str(path), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if not args.live_only:
+        out |= offline_agreement(model, args.emodb, args.ravdess, args.gains_db, args.moved)
+    if args.live or args.live_only:
+        out["live"] = live_agreement(model, args.emodb, args.ravdess, args.gains_db)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def offline_agreement(model, emodb: str, ravdess: str, gains_db: list[float], moved_too: bool) -> dict:
+    """Every utterance of both corpora through the offline evaluation at each gain (and, with ``moved_too``,
+    with the onset and gate thresholds moved by the gain) -> {"utterances", "rows"}: UAR and the share of
+    answers equal to those at 0 dB, all and per corpus."""
+    import offline.train as train
+    import stream_ser.adaptation as adaptation
+    import stream_ser.config as config
+    from offline.corpora import load_corpus
+
+    corpus = load_corpus("emodb+ravdess", f"{emodb},{ravdess}")
     which = np.array([u.uid.startswith("ravdess:") for u in corpus.utterances])  # combine() prefixes the corpus
-    if args.live_only:
-        out = {"checkpoint": str(path), "date": time.strftime("%Y-%m-%d %H:%M"),
-               "live": live_agreement(model, args.emodb, args.ravdess, args.gains_db)}
-        if args.out:
-            Path(args.out).write_text(json.dumps(out, indent=1))
-        return 0
     gate0, onset0, perturb0 = adaptation.SPEECH_GATE_LOG_POWER, config.ONSET_DBFS, train.speed_perturb
 
     def run(gain_db: float, moved: bool) -> tuple[dict, np.ndarray]:
@@ -79,8 +88,8 @@ def main(argv=None) -> int:
     base, ref = run(0.0, False)
     rows = [base | {"same_answer": 1.0}]
     print(f"  0 dB: UAR {100 * base['uar']:.2f} %", flush=True)
-    for db in args.gains_db:
-        for moved in ((False, True) if args.moved else (False,)):
+    for db in gains_db:
+        for moved in ((False, True) if moved_too else (False,)):
             row, pred = run(db, moved)
             same = pred == ref
             row |= {"same_answer": float(same.mean()), "same_answer_emodb": float(same[~which].mean()),
@@ -89,13 +98,7 @@ def main(argv=None) -> int:
             print(f"{db:+5.0f} dB{' (thresholds moved)' if moved else ''}: UAR {100 * row['uar']:.2f} %, same answer "
                   f"as at 0 dB {100 * row['same_answer']:.1f} % (EMO-DB {100 * row['same_answer_emodb']:.1f}, "
                   f"RAVDESS {100 * row['same_answer_ravdess']:.1f})", flush=True)
-    out = {"checkpoint": str(path), "utterances": len(corpus.utterances), "date": time.strftime("%Y-%m-%d %H:%M"),
-           "rows": rows}
-    if args.live:
-        out["live"] = live_agreement(model, args.emodb, args.ravdess, args.gains_db)
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
-    return 0
+    return {"utterances": len(corpus.utterances), "rows": rows}
 
 
 def live_agreement(model, emodb: str, ravdess: str, gains_db: list[float]) -> list[dict]:

@@ -92,11 +92,17 @@ class Frontend(nn.Module):
     def _log_mel_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """[..., win] raw frames -> [..., M] log-Mel (pre-emphasis inside each frame, window, FFT, Mel, log)."""
         cfg = self.config
+        win = cfg.win_length
+        # pre-emphasis, window and the FFT's zero padding in one buffer, two passes over the frames:
+        # buf[n] = w[n] x[n] - a w[n] x[n-1] for n >= 1, buf[0] = w[0] x[0], buf[win:] = 0 (the same
+        # numbers as preemphasis, then window, then rfft(n=n_fft), without the three intermediate copies)
+        buf = frames.new_zeros(*frames.shape[:-1], cfg.n_fft)
+        torch.mul(frames, self.window, out=buf[..., :win])
         if cfg.preemphasis:
-            frames = AF.preemphasis(frames, cfg.preemphasis)  # per frame, on the last dim
-        spec = torch.fft.rfft(frames * self.window, n=cfg.n_fft)  # [..., F]
+            buf[..., 1:win].addcmul_(frames[..., :-1], self.window[1:], value=-cfg.preemphasis)
+        spec = torch.fft.rfft(buf)  # [..., F]
         power = spec.real.square() + spec.imag.square()
-        return (power @ self.mel_fb).clamp_min(cfg.log_floor).log()  # [..., M]
+        return (power @ self.mel_fb).clamp_min_(cfg.log_floor).log_()  # [..., M]
 
     def log_mel_many(self, waves) -> list[torch.Tensor]:
         """Several waveforms (a list of [N_i]) -> their log-Mel frames, a list of [T_i, M] (:meth:`log_mel`

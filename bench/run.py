@@ -27,7 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from stream_ser.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # measure what `stream-ser` runs (stream_ser/cli.py sets it before torch loads)
+
+import torch  # noqa: E402  (after the OpenMP policy, which libgomp reads once when torch loads)
 
 from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig
@@ -326,6 +331,10 @@ def write_markdown(results_dir: Path, out: Path) -> None:
         for note in r.get("notes", []):
             L.append(f"- {note}")
         L.append("")
+    loaded = [json.loads(p.read_text()) for p in sorted((results_dir / "load").glob("*.json"))]
+    if loaded:  # bench.under_load's figures
+        from bench.under_load import markdown
+        L += markdown(loaded)
     out.write_text("\n".join(L))
 
 
@@ -449,7 +458,8 @@ def main(argv=None) -> int:
                               else [1, 8, 16, 24, 32, 40, 48, 64, 80, 96, 128]))
     repeats = 1 if smoke else args.repeats
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+               "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     try:
         machine["cpu"] = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                               if ln.startswith("model name"))

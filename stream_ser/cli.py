@@ -7,6 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+from .openmp import prefer_passive_wait
+
 EPILOG = """examples:
   stream-ser live                                   microphone if there is one, else the bundled sample
   stream-ser live --source speech.wav --no-dashboard --fast
@@ -245,6 +247,7 @@ def run_file_mode(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_passive_wait()  # before torch loads: on a busy machine spinning OpenMP workers cost each hop ms
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # name the subcommand whose flag was mistyped, with its usage, not the top-level one

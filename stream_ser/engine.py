@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .model import EmotionModel
+from .openmp import hop_threads, intra_op_threads
 from .recognizer import (PaddingCache, Prediction, StreamingRecognizer, compute_frames, embed_and_project,
                          make_segments)
 from .vad import score_queued
@@ -67,9 +68,15 @@ class MultiStreamEngine:
         return any(self._inbox.values())
 
     def step(self) -> list[Prediction]:
-        """Process everything queued; return the predictions, ordered by round then stream."""
+        """Process everything queued; return the predictions, ordered by round then stream. A hop of a few
+        streams runs on one intra-op thread but for CNN batches worth more, one of many on all of them
+        (``stream_ser.openmp``)."""
         with self._lock:
             items = [(sid, rec, self._inbox[sid]) for sid, rec in self.streams.items()]
+        with intra_op_threads(hop_threads(sum(1 for _, _, inbox in items if inbox))):
+            return self._step(items)
+
+    def _step(self, items) -> list[Prediction]:
         fed = []
         for _, rec, inbox in items:
             if inbox:

@@ -27,6 +27,7 @@ import torch
 from .adaptation import RunningStats, Stats, moments_each, speech_frames
 from .audio import check_samples
 from .model import EmotionModel
+from .openmp import embedding_threads, intra_op_threads
 from .vad import MIN_SPEECH_FRACTION, SpeechDetector, frame_mask, score_queued
 
 ACTIVITY_THRESHOLD_DBFS = -45.0  # with vad off: a frame with RMS above this counts as sound (speech activity)
@@ -87,7 +88,8 @@ class Segment:
 
 def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torch.Tensor:
     """Segments [C, M, L] -> the head's cached input projections [N, dirs, 4H], in one embedder batch."""
-    with torch.no_grad():
+    threads = embedding_threads(len(features), model.frontend_config.image_size)
+    with torch.no_grad(), intra_op_threads(threads):
         return model.head.project(model.embed(torch.stack(features)))
 
 
@@ -408,7 +410,12 @@ class StreamingRecognizer:
         return self.segmenter.adaptation
 
     def push(self, samples: np.ndarray, arrival: float | None = None) -> list[Prediction]:
-        """Feed samples (16 kHz mono float32, int16, or [N, channels]; any length); get the predictions they complete."""
+        """Feed samples (16 kHz mono float32, int16, or [N, channels]; any length); get the predictions they complete.
+        Runs on one intra-op thread but for CNN batches worth more (``stream_ser.openmp``)."""
+        with intra_op_threads(1):
+            return self._push(samples, arrival)
+
+    def _push(self, samples: np.ndarray, arrival: float | None) -> list[Prediction]:
         segs = self.segmenter.push(samples, arrival)
         if not segs:
             return []

@@ -42,3 +42,88 @@ def test_stream_ser_main_sets_it_first():
             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(json.dumps({'policy': os.environ.get('OMP_WAIT_POLICY'), 'torch': 'torch' in sys.modules}))")
     assert _run(code) == {"policy": "PASSIVE", "torch": False}
+
+
+# --- the intra-op thread count of a live hop ---------------------------------------------------------
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from stream_ser.config import FrontendConfig  # noqa: E402
+from stream_ser.engine import MultiStreamEngine  # noqa: E402
+from stream_ser.model import EmotionModel  # noqa: E402
+from stream_ser.openmp import (PARALLEL_MIN_STREAMS, available_threads, embedding_threads,  # noqa: E402
+                               intra_op_threads)
+from stream_ser.recognizer import StreamingRecognizer  # noqa: E402
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_intra_op_threads_nests_and_restores(two_threads):
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1 and available_threads() == 2
+        with intra_op_threads(2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_only_cnn_batches_worth_it_take_every_thread(two_threads):
+    with intra_op_threads(1):
+        assert embedding_threads(1, 64) == 1  # one bundled-model segment: cheaper on one thread
+        assert embedding_threads(2, 112) == 1
+        assert embedding_threads(1, 227) == 2  # the paper's input: worth both cores
+        assert embedding_threads(13, 64) == 2  # a batch of many streams' segments
+
+
+def _record_threads(model):
+    """Wrap the CNN and the head so that each call records the intra-op threads it ran on."""
+    seen = {"embed": [], "head": []}
+    embed, infer = model.embed, model.head.infer
+    model.embed = lambda x: (seen["embed"].append(torch.get_num_threads()), embed(x))[1]
+    model.head.infer = lambda p: (seen["head"].append(torch.get_num_threads()), infer(p))[1]
+    return seen
+
+
+def _speech(seconds: float) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+            + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def test_a_live_hop_runs_on_one_thread_but_for_a_big_cnn_batch(two_threads):
+    torch.manual_seed(0)
+    small = EmotionModel(FrontendConfig(image_size=64)).eval()
+    seen = _record_threads(small)
+    rec = StreamingRecognizer(small, vad=False)
+    for i in range(0, 32000, 320):
+        rec.push(_speech(2.0)[i:i + 320])
+    assert seen["head"] and set(seen["head"]) == {1} and set(seen["embed"]) == {1}
+    assert torch.get_num_threads() == 2  # restored after each push
+
+    big = EmotionModel(FrontendConfig(image_size=227)).eval()
+    seen = _record_threads(big)
+    rec = StreamingRecognizer(big, vad=False)
+    rec.push(_speech(1.0))
+    assert set(seen["head"]) == {1} and set(seen["embed"]) == {2}
+
+
+def test_an_engine_hop_of_many_streams_runs_on_every_thread(two_threads):
+    torch.manual_seed(0)
+    model = EmotionModel(FrontendConfig(image_size=64)).eval()
+    seen = _record_threads(model)
+    for n, expected in ((2, {1}), (PARALLEL_MIN_STREAMS, {2})):
+        seen["head"].clear()
+        eng = MultiStreamEngine(model)
+        for k in range(n):
+            eng.add_stream(f"s{k}", vad=False)
+            eng.feed(f"s{k}", _speech(1.0))
+        eng.step()
+        assert set(seen["head"]) == expected, n

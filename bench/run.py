@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_ser.openmp import prefer_passive_wait
+from stream_ser.openmp import intra_op_threads, prefer_passive_wait
 
 prefer_passive_wait()  # measure what `stream-ser` runs (stream_ser/cli.py sets it before torch loads)
 
@@ -39,7 +39,7 @@ from stream_ser.config import FrontendConfig
 from stream_ser.engine import MultiStreamEngine
 from stream_ser.model import EmotionModel, quantize_for_cpu
 from stream_ser.protocol import percentiles
-from stream_ser.recognizer import PaddingCache, StreamingRecognizer
+from stream_ser.recognizer import PaddingCache, StreamingRecognizer, embed_and_project
 
 ROOT = Path(__file__).resolve().parents[1]
 EMODB = Path(os.environ.get("STREAM_SER_EMODB", ROOT.parent / "shared" / "data" / "emodb")) / "wav"
@@ -139,17 +139,18 @@ def cache_ratio(model, audio: np.ndarray, hops: int) -> dict:
     segs = model.frontend.segments(torch.from_numpy(audio).to(model.device))[0]  # [S, C, M, L]
     S = segs.shape[0]
     w = model.frontend_config.segments_per_utterance
-    with torch.no_grad():
+    # both ways on the live hop's threads (stream_ser.openmp): one, but for CNN batches worth more
+    with torch.no_grad(), intra_op_threads(1):
         cached, full = [], []
-        proj_cache = list(model.head.project(model.embed(segs[:w])))
+        proj_cache = list(embed_and_project(model, list(segs[:w])))
         for h in range(hops):
             k = w + h % (S - w)
             t0 = time.perf_counter()  # with the cache: embed the new segment, head over 8 cached projections
-            proj_cache = proj_cache[1:] + list(model.head.project(model.embed(segs[k:k + 1])))
+            proj_cache = proj_cache[1:] + list(embed_and_project(model, [segs[k]]))
             model.head.infer(torch.stack(proj_cache)[None])
             cached.append(time.perf_counter() - t0)
             t0 = time.perf_counter()  # without: embed all 8 segments of the window, then the head
-            model.head(model.embed(segs[k - w + 1:k + 1])[None])
+            model.head.infer(embed_and_project(model, list(segs[k - w + 1:k + 1]))[None])
             full.append(time.perf_counter() - t0)
     c, f = statistics.median(cached), statistics.median(full)
     return {"with_cache_ms": 1e3 * c, "recompute_ms": 1e3 * f, "ratio": f / c, "hops": hops}
@@ -222,7 +223,9 @@ def frontend_throughput(files: list[Path], device: torch.device) -> dict:
     fe = Frontend().to(device)
     fe.segments(torch.from_numpy(waves[0]).to(device))
     t0 = time.perf_counter()
-    with torch.no_grad():
+    # file by file on one intra-op thread: a file's few hundred frames are too little work to share (on two
+    # threads this path ran 3739 s/s with OpenMP's default wait policy, 1905 with PASSIVE, 5246 on one)
+    with torch.no_grad(), intra_op_threads(1):
         for w in waves:
             fe.segments(torch.from_numpy(w).to(device))
     if device.type == "cuda":
@@ -246,7 +249,7 @@ def frontend_throughput(files: list[Path], device: torch.device) -> dict:
         d = librosa.feature.delta(m, width=5)
         librosa.feature.delta(d, width=5)
     ref = time.perf_counter() - t0
-    return {"audio_s": secs, "files": len(files), "stream_ser_audio_s_per_s": secs / ours,
+    return {"audio_s": secs, "files": len(files), "file_by_file_threads": 1, "stream_ser_audio_s_per_s": secs / ours,
             "librosa_audio_s_per_s": secs / ref, "ratio": ref / ours,
             "batched_audio_s_per_s": secs / batched, "batched_ratio": ref / batched,
             "files_per_batch": FILES_PER_BATCH}
@@ -314,8 +317,9 @@ def write_markdown(results_dir: Path, out: Path) -> None:
         if "frontend" in r:
             f = r["frontend"]
             L += [f"Front-end throughput on {f['files']} EMO-DB files ({f['audio_s']:.0f} s of audio): stream_ser "
-                  f"{f['stream_ser_audio_s_per_s']:.0f} s/s file by file, librosa {f['librosa_audio_s_per_s']:.0f} s/s "
-                  f"(**{f['ratio']:.1f}×**)"
+                  f"{f['stream_ser_audio_s_per_s']:.0f} s/s file by file"
+                  + (f" on {f['file_by_file_threads']} thread" if f.get("file_by_file_threads") else "")
+                  + f", librosa {f['librosa_audio_s_per_s']:.0f} s/s (**{f['ratio']:.1f}×**)"
                   + (f"; the corpus path (`Frontend.segments_many`, {f['files_per_batch']} files per call) "
                      f"{f['batched_audio_s_per_s']:.0f} s/s (**{f['batched_ratio']:.1f}×** librosa; target ≥ "
                      f"{_device_targets(r)['frontend_ratio']:.0f}×)"
@@ -382,19 +386,24 @@ CPU_NOTES = [
     "slices instead of a conv1d, took it from 2851 to 7493 s/s file by file (librosa 1265 and 1529 s/s in the two "
     "runs: 2.3x -> 4.9x); the log-Mel itself (FFT and filterbank) now takes most of the time (profiled), so 20x "
     "is not in reach without a cheaper transform.",
-    "- 2026-11-26, the session after the int8 run above: two changes not yet in its figures. This session's machine ran about 35 % "
-    "slower than the morning's on everything, our code and librosa alike (two full int8 runs, idle: the head "
-    "0.85 -> 1.24 ms, librosa 1529 -> 999-1061 s/s, stage-1 training 50 -> 32 segments/s), so they were not "
-    "committed as this machine's run. (1) `PaddingCache`: a partial window's padding segment that equals one "
-    "embedded before (per-segment normalisation, frozen statistics, `--silence-floor`) is not embedded again, and "
-    "an engine's streams share it; in those runs the partial-window hops cost what full ones do (227 px int8 p50 "
-    "13.5 against 13.2 ms; before, partial hops embedded two segments: p99 15.9 against 10.5 ms). With live "
-    "adaptation and no floor the padding moves with the statistics and is embedded as before. (2) The engine's "
-    "front-end for all streams at once (log-Mel frames in one call, then every new segment's deltas, speech-frame "
-    "moments and normalisation in one call each): at 64 streams, 112 px, speaker normalisation, int8, profiled "
-    "with the cores otherwise idle, the front-end's share of a hop fell from about 70 to 22 ms (the CNN: about "
-    "95 ms; speech detection: 32 ms). It is the lever the GPU section names for its stream count; not yet "
-    "measured on a GPU.",
+    "- 2026-11-26, evening (the int8 section above, on the idle machine; training paused): the figures now hold "
+    "three changes. (1) `PaddingCache`: a partial window's padding segment that equals one embedded before "
+    "(per-segment normalisation, frozen statistics, `--silence-floor`) is not embedded again, and an engine's streams "
+    "share it; 227 px partial-window hops p50 8.5 against 8.3 ms for full ones (before: p99 15.9 against 10.5). "
+    "(2) The engine's front-end for all streams at once (log-Mel frames in one call, then every new segment's deltas, "
+    "speech-frame moments and normalisation in one call each). (3) A live hop runs on one intra-op thread, but for "
+    "CNN batches of at least one 227 px segment's pixels and engine hops of 8 or more streams "
+    "(`stream_ser.openmp`), and `stream-ser` (and this benchmark) run with `OMP_WAIT_POLICY=PASSIVE`: a hop's small "
+    "operations spread over two threads waited for the second worker, on a busy machine for a scheduler slice "
+    "(`python -m bench.under_load`, the last section). Against the morning's run: 227 px p50 10.7 -> 8.4 ms, p95 "
+    "12.0 -> 9.5, p99 14.2 -> 12.6 (full-window hops 11.7; the target of 12 ms is missed by the partial-window "
+    "hops' outliers, p99 14.2 of 84 hops); the front-end's share of a hop p50 3.0 -> 1.7 ms; 112 px p99 7.7 -> "
+    "8.1 (p50 6.1 -> 7.3: its one-segment CNN call now runs on one thread, 5.7 ms); capacity unchanged, 64 at 227 "
+    "px and 160 at 112 px (80 and 192 missed). The cache ratio falls (3.6 -> 3.2 at 227 px, 2.0 -> 1.8 at 112 px), "
+    "now measured on the live hop's threads both ways. The front-end figure is file by file on one thread: on two, "
+    "this path ran 3739 s/s with OpenMP's default wait policy and 1905 with PASSIVE, on one 5246 (librosa about "
+    "1300 s/s in those runs); building the log-Mel in one buffer (pre-emphasis, window and FFT padding without "
+    "three copies) is worth about 18 % on one thread.",
     "",
 ]
 

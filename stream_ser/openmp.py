@@ -3,10 +3,11 @@
 By default libgomp's worker threads spin for a while after each parallel region. On a machine where
 other work holds the cores, the worker a small op waits for has often lost its core, so each of a
 hop's many small parallel ops (the head's LSTM steps, the speaker statistics) costs a scheduler slice
-of 4-8 ms instead of microseconds. On this 2-core machine, with another PyTorch job running, one
-stream's per-hop p99 was 110-490 ms with the default policy and about 20 ms with ``PASSIVE``, where the
-workers sleep (``python -m bench.under_load``; figures in docs/benchmarks.md). libgomp reads the policy
-once, when torch loads, so it must be in the environment before the first ``import torch``.
+of 4-8 ms instead of microseconds. On this 2-core machine, with all of a hop on two threads, one
+stream's per-hop p99 was 298 ms (another PyTorch job running) and 142 ms (two busy processes) with the
+default policy, 24 and 29 ms with ``PASSIVE``, where the workers sleep; with the hop on one thread
+(below), 13-17 ms either way (``python -m bench.under_load``; docs/benchmarks.md). libgomp reads the
+policy once, when torch loads, so it must be in the environment before the first ``import torch``.
 """
 
 from __future__ import annotations

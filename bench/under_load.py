@@ -53,7 +53,8 @@ def child(checkpoint: str, n_files: int) -> dict:
     audio = [load_audio(f).numpy() for f in _files(n_files, min_s=3.5)]
     hop_latency(model, audio[:1])  # warm-up
     r = hop_latency(model, audio)
-    return {"threads": torch.get_num_threads(), "image_size": model.frontend_config.image_size,
+    return {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "image_size": model.frontend_config.image_size,
             "precision": "int8" if "int8" in model.meta.get("inference", "") else "fp32"} | r
 
 
@@ -127,7 +128,12 @@ def main(argv=None) -> int:
                   f"({c['hops']} hops)", flush=True)
     any_cell = next(iter(cells.values()))
     cpu = machine_name(torch.device("cpu"))
-    result = {"name": cpu, "machine": cpu, "threads": any_cell["threads"], "date": time.strftime("%Y-%m-%d %H:%M"),
+    try:
+        model_name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                          if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model_name = cpu
+    result = {"name": cpu, "machine": f"{model_name}, {os.cpu_count()} cores", "threads": any_cell["threads"], "date": time.strftime("%Y-%m-%d %H:%M"),
               "model": f"{Path(args.checkpoint).name}, {any_cell['image_size']} px, {any_cell['precision']}",
               "files": args.files, "cells": cells, "notes": []}
     out = Path(args.out) / "load"

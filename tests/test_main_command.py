@@ -90,3 +90,16 @@ def test_bench_smoke(tmp_path, emodb_dir):
     assert [x["streams"] for x in ladder][:1] == [1] and all(x["predictions"] > 0 for x in ladder)
     assert b["capacity"]["max_realtime_streams"] in {0} | {x["streams"] for x in ladder if x["realtime"]}
     assert res["frontend"]["ratio"] > 0 and res["training"][0]["segments_per_s"] > 0
+
+
+def test_bench_under_load_cells_run_with_their_policy(emodb_dir, monkeypatch):
+    """Each cell of bench.under_load is a fresh process with the OpenMP policy it claims (the policy only
+    counts when torch loads), streaming the bundled model as `stream-ser live` does (int8 on the CPU)."""
+    from bench.under_load import run_cell
+    monkeypatch.setenv("STREAM_SER_EMODB", str(emodb_dir))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the parent's own policy must not leak into a cell
+    ckpt = str(ROOT / "stream_ser" / "assets" / "default.pt")
+    cells = {p: run_cell(p, "none", ckpt, 1) for p in ("default", "PASSIVE")}
+    assert cells["default"]["omp_wait_policy"] == "default" and cells["PASSIVE"]["omp_wait_policy"] == "PASSIVE"
+    for c in cells.values():
+        assert c["precision"] == "int8" and c["hops"] > 0 and 0 < c["total"]["p50"] <= c["total"]["p99"]

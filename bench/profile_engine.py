@@ -18,7 +18,7 @@ import torch
 
 from bench.run import _files
 from stream_ser.audio import load_audio
-from stream_ser.config import FrontendConfig
+from stream_ser.config import FrontendConfig, ModelConfig
 from stream_ser.engine import MultiStreamEngine
 from stream_ser.model import EmotionModel
 
@@ -30,11 +30,14 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=227)
     ap.add_argument("--normalization", default="segment", choices=("segment", "speaker"))
+    ap.add_argument("--arch", default="dcnn_blstmwa", choices=("dcnn_blstmwa", "cnn_lstm"),
+                    help="cnn_lstm: the paper's small baseline CNN, so the per-stream host work shows over the CNN's")
     ap.add_argument("--hops", type=int, default=10, help="profiled hops (after 3 unprofiled ones)")
     ap.add_argument("--top", type=int, default=20, help="functions listed per ordering")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    model = EmotionModel(FrontendConfig(image_size=args.image_size, normalization=args.normalization)).to(dev).eval()
+    model = EmotionModel(FrontendConfig(image_size=args.image_size, normalization=args.normalization),
+                         ModelConfig(arch=args.arch)).to(dev).eval()
     audio = [load_audio(f).numpy() for f in _files(12, min_s=3.5)]
     cfg = model.frontend_config
     warm = cfg.segment_samples + (cfg.segments_per_utterance - 2) * cfg.shift_samples  # one hop short of a window

@@ -1,8 +1,9 @@
-"""What the CPU fast path changes on the bundled model: fp32 against int8 inference (``load_checkpoint``'s
-``precision="fp32"`` and its default on the CPU) on every utterance of the corpora it was trained on, with
+"""What a faster inference path changes on the bundled model: fp32 against the CPU's int8 fast path
+(``load_checkpoint``'s default on the CPU) or against the CNN in bf16 / fp16 (the GPU's half-precision
+paths, run here on the CPU's kernels), on every utterance of the corpora it was trained on, with
 per-speaker statistics, through the offline evaluation (``offline.train.evaluate_model``).
 
-    python -m bench.int8_agreement [--checkpoint PATH] [--emodb DIR] [--ravdess DIR]
+    python -m bench.int8_agreement [--precision int8|bf16|fp16] [--checkpoint PATH] [--emodb DIR] [--ravdess DIR]
 
 Training data, so only the differences between the two columns matter (docs/default-model.md).
 """
@@ -29,19 +30,23 @@ def main(argv=None) -> int:
     ap.add_argument("--emodb", default="../shared/data/emodb")
     ap.add_argument("--ravdess", default="../shared/data/ravdess")
     ap.add_argument("--cache-dir", default=".cache/features")
+    ap.add_argument("--precision", choices=("int8", "bf16", "fp16"), default="int8",
+                    help="the path compared with fp32 (default: int8, the CPU's fast path)")
     args = ap.parse_args(argv)
     path = args.checkpoint or default_checkpoint()
     fp32 = load_checkpoint(path, "cpu", precision="fp32")
-    fast = load_checkpoint(path, "cpu")
+    fast = load_checkpoint(path, "cpu", precision=args.precision)
     corpus = load_corpus("emodb+ravdess", f"{args.emodb},{args.ravdess}")
     bank = FeatureBank(corpus, fp32.frontend_config, args.cache_dir, torch.device("cpu"), log=lambda m: None)
-    out = {"checkpoint": str(path), "inference": fast.meta.get("inference"), "utterances": len(corpus.utterances)}
+    out = {"checkpoint": str(path), "precision": args.precision, "inference": fast.meta.get("inference"),
+           "utterances": len(corpus.utterances)}
     res = {}
-    for name, model in (("fp32", fp32), ("cpu_fast_path", fast)):
+    other = "cpu_fast_path" if args.precision == "int8" else args.precision
+    for name, model in (("fp32", fp32), (other, fast)):
         t0 = time.perf_counter()
         res[name] = evaluate_model(model, bank, corpus.utterances, torch.device("cpu"))
         out[name] = {"uar": res[name]["uar"], "wa": res[name]["wa"], "seconds": time.perf_counter() - t0}
-    a, b = np.array(res["fp32"]["probs"]), np.array(res["cpu_fast_path"]["probs"])
+    a, b = np.array(res["fp32"]["probs"]), np.array(res[other]["probs"])
     out["answers_equal"] = float((a.argmax(-1) == b.argmax(-1)).mean())
     out["answers_differ"] = int((a.argmax(-1) != b.argmax(-1)).sum())
     out["max_abs_prob_diff"] = float(np.abs(a - b).max())

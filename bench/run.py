@@ -37,7 +37,7 @@ import torch  # noqa: E402  (after the OpenMP policy, which libgomp reads once w
 from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig
 from stream_ser.engine import MultiStreamEngine
-from stream_ser.model import EmotionModel, quantize_for_cpu
+from stream_ser.model import EmotionModel, half_precision_cnn, quantize_for_cpu
 from stream_ser.protocol import percentiles
 from stream_ser.recognizer import PaddingCache, StreamingRecognizer, embed_and_project
 
@@ -448,8 +448,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI: checks the code, measures nothing useful")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                    help="int8: FC6/FC7 dynamically quantised, as `stream-ser live` runs on a CPU (CPU only)")
+    ap.add_argument("--precision", choices=("fp32", "int8", "bf16", "fp16"), default="fp32",
+                    help="int8: FC6/FC7 dynamically quantised, as `stream-ser live` runs on a CPU (CPU only); "
+                         "bf16 / fp16: the CNN in half precision under autocast (for a GPU)")
     ap.add_argument("--ladder", type=int, nargs="+", default=None, help="stream counts to try for capacity")
     ap.add_argument("--frontend-only", action="store_true",
                     help="measure only the front-end against librosa and update that figure in this machine's "
@@ -479,7 +480,7 @@ def main(argv=None) -> int:
     if args.precision == "int8" and device.type != "cpu":
         ap.error("--precision int8 is a CPU path")
     machine["precision"] = args.precision
-    name = machine_name(device) + ("-int8" if args.precision == "int8" else "")
+    name = machine_name(device) + ("" if args.precision == "fp32" else f"-{args.precision}")
     result = {"name": name, "date": time.strftime("%Y-%m-%d %H:%M"), "smoke": smoke,
               "machine": machine, "models": {}, "notes": []}
     if args.frontend_only:
@@ -500,6 +501,8 @@ def main(argv=None) -> int:
         model = EmotionModel(FrontendConfig(image_size=size)).to(device).eval()
         if args.precision == "int8":
             quantize_for_cpu(model)
+        elif args.precision != "fp32":
+            half_precision_cnn(model, args.precision)
         with torch.no_grad():
             model.embed(torch.zeros(2, 3, 64, 64, device=device))  # warm-up
         b = {}

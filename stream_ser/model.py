@@ -275,6 +275,7 @@ class EmotionModel(nn.Module):
             self.embedder = BaselineEmbedder(fc.channels, fc.segment_frames, fc.n_mels)
             self.head = BaselineHead(mc, self.embedder.out_dim)
         self.meta: dict = {}
+        self.embed_dtype: torch.dtype | None = None  # bf16/fp16: the CNN under autocast (half_precision_cnn)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -303,9 +304,15 @@ class EmotionModel(nn.Module):
         return self.frontend.images(segments)
 
     def embed(self, segments: torch.Tensor) -> torch.Tensor:
-        """Segments [..., C, M, L] -> segment features [..., D]."""
+        """Segments [..., C, M, L] -> segment features [..., D] (float32; with ``embed_dtype`` the CNN runs
+        under autocast in that dtype and its features come back as float32 for the head)."""
         lead = segments.shape[:-3]
-        feats = self.embedder(self.images(segments.reshape(-1, *segments.shape[-3:])))
+        x = self.images(segments.reshape(-1, *segments.shape[-3:]))
+        if self.embed_dtype is None:
+            feats = self.embedder(x)
+        else:
+            with torch.autocast(self.device.type, dtype=self.embed_dtype):
+                feats = self.embedder(x).float()
         return feats.reshape(*lead, feats.shape[-1])
 
     def forward(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,7 +421,18 @@ def save_checkpoint(model: EmotionModel, path: str | Path, compact: bool = False
     return path
 
 
-PRECISIONS = ("auto", "int8", "fp32")
+PRECISIONS = ("auto", "int8", "fp32", "bf16", "fp16")
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def half_precision_cnn(model: EmotionModel, precision: str) -> EmotionModel:
+    """The CNN (the embedder) in bf16 or fp16 under autocast, in place; the front-end, the head and the
+    probabilities stay float32. A GPU path (tensor cores); on the CPU it runs too, slower than the int8
+    fast path, so the accuracy cost can be measured anywhere (``python -m bench.int8_agreement
+    --precision bf16``)."""
+    model.embed_dtype = HALF_DTYPES[precision]
+    model.meta["inference"] = f"{precision} CNN (autocast), float32 front-end and head"
+    return model
 
 
 def fold_pool_into_fc6(model: EmotionModel) -> bool:
@@ -492,7 +510,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode.
 
     ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, fp32 elsewhere; see
-    :func:`quantize_for_cpu`), ``int8`` (the same), or ``fp32``.
+    :func:`quantize_for_cpu`), ``int8`` (the same), ``fp32``, or ``bf16`` / ``fp16`` (the CNN under
+    autocast, :func:`half_precision_cnn`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -512,6 +531,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
                               f"{' …' if len(bad) > 3 else ''}; the model would answer NaN. Retrain it.")
     model.meta = dict(payload.get("meta") or {})
     model = model.to(device).eval()
+    if precision in HALF_DTYPES:
+        return half_precision_cnn(model, precision)
     if precision != "fp32":
         quantize_for_cpu(model)
     return model

@@ -37,7 +37,7 @@ def test_cpu_loads_int8_by_default_and_fp32_on_request(models):
             memory_format=torch.channels_last)), nchw.embedder.features(q.frontend.images(x)), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(q.embed(x), nchw.embed(x), atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="precision"):
-        load_checkpoint(default_checkpoint(), "cpu", precision="fp16")
+        load_checkpoint(default_checkpoint(), "cpu", precision="int4")
 
 
 def test_int8_agrees_with_fp32_on_real_speech(models, emodb_dir):

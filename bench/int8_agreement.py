@@ -28,23 +28,28 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="default: the bundled model")
     ap.add_argument("--emodb", default="../shared/data/emodb")
-    ap.add_argument("--ravdess", default="../shared/data/ravdess")
+    ap.add_argument("--ravdess", default="../shared/data/ravdess", help="'' leaves RAVDESS out (EMO-DB alone)")
     ap.add_argument("--cache-dir", default=".cache/features")
     ap.add_argument("--precision", choices=("int8", "bf16", "fp16"), default="int8",
                     help="the path compared with fp32 (default: int8, the CPU's fast path)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 / fp16 on the GPU's own kernels)")
     args = ap.parse_args(argv)
+    if args.precision == "int8" and args.device != "cpu":
+        ap.error("int8 is the CPU's path")
+    device = torch.device(args.device)
     path = args.checkpoint or default_checkpoint()
-    fp32 = load_checkpoint(path, "cpu", precision="fp32")
-    fast = load_checkpoint(path, "cpu", precision=args.precision)
-    corpus = load_corpus("emodb+ravdess", f"{args.emodb},{args.ravdess}")
-    bank = FeatureBank(corpus, fp32.frontend_config, args.cache_dir, torch.device("cpu"), log=lambda m: None)
-    out = {"checkpoint": str(path), "precision": args.precision, "inference": fast.meta.get("inference"),
-           "utterances": len(corpus.utterances)}
+    fp32 = load_checkpoint(path, device, precision="fp32")
+    fast = load_checkpoint(path, device, precision=args.precision)
+    corpus = (load_corpus("emodb+ravdess", f"{args.emodb},{args.ravdess}") if args.ravdess
+              else load_corpus("emodb", args.emodb))
+    bank = FeatureBank(corpus, fp32.frontend_config, args.cache_dir, device, log=lambda m: None)
+    out = {"checkpoint": str(path), "precision": args.precision, "device": str(device),
+           "inference": fast.meta.get("inference"), "corpora": corpus.name, "utterances": len(corpus.utterances)}
     res = {}
     other = "cpu_fast_path" if args.precision == "int8" else args.precision
     for name, model in (("fp32", fp32), (other, fast)):
         t0 = time.perf_counter()
-        res[name] = evaluate_model(model, bank, corpus.utterances, torch.device("cpu"))
+        res[name] = evaluate_model(model, bank, corpus.utterances, device)
         out[name] = {"uar": res[name]["uar"], "wa": res[name]["wa"], "seconds": time.perf_counter() - t0}
     a, b = np.array(res["fp32"]["probs"]), np.array(res[other]["probs"])
     out["answers_equal"] = float((a.argmax(-1) == b.argmax(-1)).mean())

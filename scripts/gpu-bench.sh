@@ -1,0 +1,19 @@
+#!/bin/bash
+# Issue 12's GPU figures in one device call (about 4 min on an H100), from a checkout carrying .gpu
+# (`bash scripts/gpu-pack.sh emodb`; see scripts/gpu-multicorpus.sh for keeping the tree small):
+#   1. the CUDA tests (CPU equals CUDA, fp16 on the GPU against fp32 on the CPU);
+#   2. what fp16 and bf16 change on the bundled model, on the GPU's kernels (EMO-DB, its training data);
+#   3. bench.run at 227 px in fp16 (the fp32 figures are the committed nvidia-*.json).
+# Writes under $OUT (the device's, else runs/gpu-bench): bench/<machine>-fp16.json, agree-*.json, *.log.
+set -u
+cd "$(dirname "$0")/.."
+. scripts/gpu-setup.sh
+DEST=${OUT:-runs/gpu-bench}; mkdir -p "$DEST/bench"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$DEST/gpu.txt"
+python3 -m pytest -q -m cuda -p no:cacheprovider tests > "$DEST/cuda-tests.log" 2>&1; tail -3 "$DEST/cuda-tests.log"
+for p in fp16 bf16; do
+  python3 -m bench.int8_agreement --device cuda --precision $p --ravdess '' > "$DEST/agree-$p.json" 2> "$DEST/agree-$p.err"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['answers_differ'], 'of', d['utterances'], 'differ; max prob diff', round(d['max_abs_prob_diff'], 4))" "$DEST/agree-$p.json" $p
+done
+python3 -m bench.run --device cuda --precision fp16 --image-sizes 227 --repeats 1 --ladder 1 64 128 256 512 \
+    --out "$DEST/bench" --docs "$DEST/benchmarks.md" > "$DEST/bench.log" 2>&1; tail -5 "$DEST/bench.log"

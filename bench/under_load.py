@@ -88,7 +88,8 @@ def markdown(rows: list[dict]) -> list[str]:
          "(unless the environment sets a policy), so its OpenMP workers sleep between parallel regions instead "
          "of spinning.", ""]
     for r in rows:
-        L += [f"### {r['name']}", "", f"{r['machine']} · {r['threads']} torch threads · {r['model']} · {r['date']}", "",
+        L += [f"### {r['name']}", "",
+              f"{r['machine']} · {r['threads']} torch threads · {r['model']} · {r['date']}", "",
               "| load | default policy, p50 / p99 | `PASSIVE`, p50 / p99 |", "|---|---|---|"]
         for load in LOADS:
             cells = [r["cells"].get(f"{p}/{load}") for p in POLICIES]
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
                           if ln.startswith("model name"))
     except (OSError, StopIteration):
         model_name = cpu
-    result = {"name": cpu, "machine": f"{model_name}, {os.cpu_count()} cores", "threads": any_cell["threads"], "date": time.strftime("%Y-%m-%d %H:%M"),
+    result = {"name": cpu, "machine": f"{model_name}, {os.cpu_count()} cores", "threads": any_cell["threads"],
+              "date": time.strftime("%Y-%m-%d %H:%M"),
               "model": f"{Path(args.checkpoint).name}, {any_cell['image_size']} px, {any_cell['precision']}",
               "files": args.files, "cells": cells, "notes": []}
     out = Path(args.out) / "load"

@@ -456,7 +456,8 @@ def embed_split(model: EmotionModel, split: SplitData, device: torch.device, amp
         imgs = model.images(X[i:i + batch].to(device))
         if device.type == "cuda":
             imgs = imgs.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        half = getattr(model, "embed_dtype", None)  # a model loaded for bf16/fp16 inference (half_precision_cnn)
+        with (torch.autocast(device.type, dtype=half) if half is not None else _autocast(device, amp)):
             out.append(model.embedder(imgs).float())
     return torch.cat(out).reshape(*split.segments.shape[:2], -1)
 

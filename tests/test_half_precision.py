@@ -67,3 +67,19 @@ def test_fp16_on_cuda_agrees_with_fp32_on_cpu(path, waves):
     pg, pc = gpu.predict(waves).cpu(), cpu.predict(waves)
     assert (pg.argmax(-1) == pc.argmax(-1)).all()
     assert float((pg - pc).abs().max()) < 0.03
+
+
+def test_offline_evaluation_embeds_in_the_models_precision(path, emodb_dir):
+    """The offline evaluation embeds through its own batched path (offline.train.embed_split); a model
+    loaded for bf16 must be measured in bf16 there too, or an agreement run compares fp32 with fp32."""
+    from offline.train import SplitData, embed_split
+    waves = [load_audio(p) for p in sorted((emodb_dir / "wav").glob("*.wav"))[:2]]
+    full, half = load_checkpoint(path, "cpu", precision="fp32"), load_checkpoint(path, "cpu", precision="bf16")
+    split = SplitData(["a", "b"], full.frontend.utterance_segments(waves), torch.zeros(2, dtype=torch.long))
+    with torch.no_grad():
+        ef = embed_split(full, split, torch.device("cpu"), amp=False)
+        eh = embed_split(half, split, torch.device("cpu"), amp=False)
+        direct = half.embed(split.segments)
+    assert eh.dtype == torch.float32 and ef.shape == eh.shape
+    assert float((eh - ef).abs().max()) > 0  # bf16 did run
+    torch.testing.assert_close(eh, direct, atol=1e-2, rtol=1e-2)  # the same path as the live one, to batch rounding

@@ -457,7 +457,10 @@ def embed_split(model: EmotionModel, split: SplitData, device: torch.device, amp
         if device.type == "cuda":
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         half = getattr(model, "embed_dtype", None)  # a model loaded for bf16/fp16 inference (half_precision_cnn)
-        with (torch.autocast(device.type, dtype=half) if half is not None else _autocast(device, amp)):
+        if half is not None:
+            out.append(model.embedder(imgs.to(half)).float())
+            continue
+        with _autocast(device, amp):
             out.append(model.embedder(imgs).float())
     return torch.cat(out).reshape(*split.segments.shape[:2], -1)
 

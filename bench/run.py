@@ -47,17 +47,20 @@ HOP_S = 0.32
 CHUNK = 320  # 20 ms
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            cpu = next(ln.split(":", 1)[1] for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                       if ln.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"cpu-{torch.get_num_threads()}threads-{cpu}"
+        name = f"cpu-{torch.get_num_threads()}threads-{cpu_model()}"
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:60]
 
 
@@ -450,7 +453,7 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--precision", choices=("fp32", "int8", "bf16", "fp16"), default="fp32",
                     help="int8: FC6/FC7 dynamically quantised, as `stream-ser live` runs on a CPU (CPU only); "
-                         "bf16 / fp16: the CNN in half precision under autocast (for a GPU)")
+                         "bf16 / fp16: the CNN in half precision (for a GPU)")
     ap.add_argument("--ladder", type=int, nargs="+", default=None, help="stream counts to try for capacity")
     ap.add_argument("--frontend-only", action="store_true",
                     help="measure only the front-end against librosa and update that figure in this machine's "
@@ -467,14 +470,9 @@ def main(argv=None) -> int:
                              ([1, 64, 256, 512, 1024, 1536, 2048, 3072, 4096] if device.type == "cuda"
                               else [1, 8, 16, 24, 32, 40, 48, 64, 80, 96, 128]))
     repeats = 1 if smoke else args.repeats
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(),
                "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
-    try:
-        machine["cpu"] = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                              if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     if args.precision == "int8" and device.type != "cpu":

@@ -59,12 +59,9 @@ def child(checkpoint: str, n_files: int) -> dict:
 
 
 def run_cell(policy: str, load: str, checkpoint: str, n_files: int) -> dict:
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy != "default":
-        env["OMP_WAIT_POLICY"] = policy
-    hogs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # the loads: the default policy
+    env = base if policy == "default" else base | {"OMP_WAIT_POLICY": policy}
+    hogs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=base)
             for cmd in LOADS[load]]
     try:
         time.sleep(1.0 if hogs else 0.0)
@@ -118,7 +115,7 @@ def main(argv=None) -> int:
         ap.error(f"no checkpoint at {args.checkpoint}")
     import torch
 
-    from bench.run import machine_name, write_markdown
+    from bench.run import cpu_model, machine_name, write_markdown
 
     cells = {}
     for load in LOADS:
@@ -129,12 +126,7 @@ def main(argv=None) -> int:
                   f"({c['hops']} hops)", flush=True)
     any_cell = next(iter(cells.values()))
     cpu = machine_name(torch.device("cpu"))
-    try:
-        model_name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                          if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        model_name = cpu
-    result = {"name": cpu, "machine": f"{model_name}, {os.cpu_count()} cores", "threads": any_cell["threads"],
+    result = {"name": cpu, "machine": f"{cpu_model()}, {os.cpu_count()} cores", "threads": any_cell["threads"],
               "date": time.strftime("%Y-%m-%d %H:%M"),
               "model": f"{Path(args.checkpoint).name}, {any_cell['image_size']} px, {any_cell['precision']}",
               "files": args.files, "cells": cells, "notes": []}

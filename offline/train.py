@@ -456,12 +456,9 @@ def embed_split(model: EmotionModel, split: SplitData, device: torch.device, amp
         imgs = model.images(X[i:i + batch].to(device))
         if device.type == "cuda":
             imgs = imgs.contiguous(memory_format=torch.channels_last)
-        half = getattr(model, "embed_dtype", None)  # a model loaded for bf16/fp16 inference (half_precision_cnn)
-        if half is not None:
-            out.append(model.embedder(imgs.to(half)).float())
-            continue
-        with _autocast(device, amp):
-            out.append(model.embedder(imgs).float())
+        # a model loaded for bf16/fp16 inference (half_precision_cnn) embeds in its own dtype, without autocast
+        with _autocast(device, amp and model.embed_dtype is None):
+            out.append(model.embed_images(imgs).float())
     return torch.cat(out).reshape(*split.segments.shape[:2], -1)
 
 

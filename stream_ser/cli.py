@@ -80,7 +80,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "int8", "fp32", "bf16", "fp16"), default="auto",
                    help="CNN inference precision: auto = int8 FC6/FC7 on the CPU (about 1 %% change in the "
                         "embeddings, several times faster), fp32 on a GPU; fp32 forces full precision; bf16 and "
-                        "fp16 run the CNN in half precision under autocast (for a GPU's tensor cores)")
+                        "fp16 run the CNN in half precision (for a GPU's tensor cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:

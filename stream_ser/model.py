@@ -307,9 +307,14 @@ class EmotionModel(nn.Module):
         """Segments [..., C, M, L] -> segment features [..., D] (float32; with ``embed_dtype`` the CNN's
         weights and images are in that dtype and its features come back as float32 for the head)."""
         lead = segments.shape[:-3]
-        x = self.images(segments.reshape(-1, *segments.shape[-3:]))
-        feats = self.embedder(x) if self.embed_dtype is None else self.embedder(x.to(self.embed_dtype)).float()
+        feats = self.embed_images(self.images(segments.reshape(-1, *segments.shape[-3:])))
         return feats.reshape(*lead, feats.shape[-1])
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """CNN images [N, C, H, W] -> features [N, D]; in ``embed_dtype`` where set, then back to float32."""
+        if self.embed_dtype is None:
+            return self.embedder(images)
+        return self.embedder(images.to(self.embed_dtype)).float()
 
     def forward(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Segments [B, S, C, M, L] -> (logits [B, K], attention [B, S])."""
@@ -509,8 +514,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode.
 
     ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, fp32 elsewhere; see
-    :func:`quantize_for_cpu`), ``int8`` (the same), ``fp32``, or ``bf16`` / ``fp16`` (the CNN under
-    autocast, :func:`half_precision_cnn`).
+    :func:`quantize_for_cpu`), ``int8`` (the same), ``fp32``, or ``bf16`` / ``fp16`` (the CNN in
+    half precision, :func:`half_precision_cnn`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

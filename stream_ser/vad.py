@@ -18,11 +18,12 @@ import importlib.util
 import threading
 import warnings
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .openmp import intra_op_threads
 
 SAMPLE_RATE = 16_000
 CHUNK_SAMPLES = 512  # 32 ms: the chunk silero-vad takes at 16 kHz
@@ -53,19 +54,6 @@ def model_path() -> Path:
     return _JIT_PATH
 
 
-@contextmanager
-def one_thread():
-    """Run torch on one intra-op thread inside the block (restored after)."""
-    n = torch.get_num_threads()
-    if n != 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n != 1:
-            torch.set_num_threads(n)
-
-
 _MODEL: torch.jit.ScriptModule | None = None
 _MODEL_LOCK = threading.Lock()  # the shared model holds the recurrent state of the batch it is scoring
 
@@ -81,7 +69,7 @@ def _shared_model() -> torch.jit.ScriptModule:
                     warnings.simplefilter("ignore", DeprecationWarning)
                     model = torch.jit.load(str(path), map_location="cpu").eval()
                 model.reset_states()
-                with one_thread(), torch.inference_mode():
+                with intra_op_threads(1), torch.inference_mode():
                     model(torch.zeros(1, CHUNK_SAMPLES), SAMPLE_RATE)
                 state, context = model._state, model._context  # the state the batched scoring swaps in and out
             except Exception as e:  # a damaged install, or a silero-vad without this state layout
@@ -182,7 +170,7 @@ def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
     rounds = max((len(d._queued) for d in detectors), default=0)
     if rounds:
         model = detectors[0].model
-        with _MODEL_LOCK, one_thread(), torch.inference_mode():
+        with _MODEL_LOCK, intra_op_threads(1), torch.inference_mode():
             for r in range(rounds):
                 idx = [i for i, d in enumerate(detectors) if r < len(d._queued)]
                 model._state = torch.cat([detectors[i]._state for i in idx], 1)

@@ -1,4 +1,4 @@
-"""The CNN in bf16 / fp16 under autocast (``precision="bf16"|"fp16"``, for a GPU's tensor cores): the
+"""The CNN in bf16 / fp16 (``precision="bf16"|"fp16"``, for a GPU's tensor cores): the
 front-end, the head and the probabilities stay float32, and what it changes stays small. Measured here on
 the CPU's kernels; the `cuda` test checks the GPU's."""
 

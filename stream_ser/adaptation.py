@@ -199,17 +199,36 @@ class RunningStats:
         statistics towards the corpus's recording level for its first minutes, and its answers with them.
         The deltas do not depend on the level."""
         if self._cache is None:
-            p, n0 = self.prior, self.prior_frames
-            if n0 + float(self._n) <= 0:
-                return Stats(p.mean.float(), p.std.float(), 0.0)
-            prior_mean = p.mean
-            if float(self._n) > 0:
-                prior_mean = p.mean.clone()
-                prior_mean[0] += (self._s[0] / self._n).mean() - p.mean[0].mean()
-            n = n0 + self._n
-            s = n0 * prior_mean + self._s
-            ss = n0 * (p.std.square() + prior_mean.square()) + self._ss
-            mean = s / n
-            std = (ss / n - mean.square()).clamp_min(0).sqrt().clamp_min(STD_FLOOR)
-            self._cache = Stats(mean.float(), std.float(), float(self._n))
+            RunningStats.current_each([self])
         return self._cache
+
+    @staticmethod
+    def current_each(stats: list["RunningStats"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`current` of many streams' statistics in one set of tensor operations (an engine hop
+        normalises every stream's new segment at once; per stream, these were 15 small operations) ->
+        (mean, std) [N, C, M] float32. Each one's :meth:`current` is then cached."""
+        todo = [st for st in stats if st._cache is None]
+        if todo:
+            pm = torch.stack([st.prior.mean for st in todo])  # [n, C, M] float64
+            ps = torch.stack([st.prior.std for st in todo])
+            n0 = torch.tensor([st.prior_frames for st in todo], dtype=torch.float64)[:, None, None]
+            n = torch.stack([st._n for st in todo])[:, None, None]
+            s = torch.stack([st._s for st in todo])
+            ss = torch.stack([st._ss for st in todo])
+            seen = n[:, 0] > 0  # [n, 1]
+            shift = (s[:, 0] / torch.where(seen, n[:, 0], 1.0)).mean(dim=-1, keepdim=True) \
+                - pm[:, 0].mean(dim=-1, keepdim=True)  # [n, 1]
+            prior_mean = pm.clone()
+            prior_mean[:, 0] += torch.where(seen, shift, 0.0)  # the level shift, once speech was seen
+            tot = n0 + n
+            mean = (n0 * prior_mean + s) / tot
+            var = (n0 * (ps.square() + prior_mean.square()) + ss) / tot - mean.square()
+            std = var.clamp_min(0).sqrt().clamp_min(STD_FLOOR)
+            nothing = (tot <= 0)  # no prior weight and no speech: the prior itself
+            mean, std = torch.where(nothing, pm, mean).float(), torch.where(nothing, ps, std).float()
+            frames = n[:, 0, 0].tolist()
+            for k, st in enumerate(todo):  # copies: a view would keep the whole batch alive
+                st._cache = Stats(mean[k].clone(), std[k].clone(), frames[k])
+            if len(todo) == len(stats):
+                return mean, std
+        return torch.stack([st._cache.mean for st in stats]), torch.stack([st._cache.std for st in stats])

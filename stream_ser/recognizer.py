@@ -105,6 +105,7 @@ class PaddingCache:
     streams; the model must not change under it."""
 
     def __init__(self, size: int = 4):
+        self.size = size
         self._items: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=size)  # (features, projection)
         self.hits = self.misses = 0
 
@@ -127,9 +128,10 @@ class PaddingCache:
             if out[i] is None and not any(torch.equal(f, t) for t in todo):
                 todo.append(f)
         if todo:
-            for f, p in zip(todo, embed_and_project(model, todo)):
+            made = list(zip(todo, embed_and_project(model, todo)))
+            for f, p in made:
                 self.put(f, p)
-            out = [o if o is not None else self.get(f) for o, f in zip(out, features)]
+            out = [o if o is not None else next(p for t, p in made if torch.equal(t, f)) for o, f in zip(out, features)]
         return out
 
 
@@ -280,17 +282,9 @@ class SegmentStream:
             return None
         return torch.from_numpy(segment_speech_mask(*self.vad.history(), s, self.cfg))
 
-    def _adapt(self, moments) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
-        """Add one segment's speech-frame moments (count, sums, sums of squares) to the running
-        statistics (speaker normalisation) -> (the (mean, std) it is to be normalised with, what the
-        prediction says of them)."""
-        self.adaptation.add(*moments)
-        cur = self.adaptation.current()
-        return (cur.mean, cur.std), self.adaptation_info()
-
     def _finish(self, s: int, seg: torch.Tensor, frontend_s: float, adaptation: dict | None) -> Segment:
         """Segment ``s`` with its normalised features [C, M, L] and ``adaptation`` (the statistics it was
-        normalised with, from :meth:`_adapt`): its activity, level and arrival, and the frames before the
+        normalised with, from :func:`_adapt_each`): its activity, level and arrival, and the frames before the
         next segment's start let go."""
         cfg = self.cfg
         a = s * cfg.segment_shift - self._frames_start
@@ -333,6 +327,35 @@ def compute_frames(streams: list[SegmentStream]) -> None:
         st._frontend_s += share
 
 
+def _adapt_each(jobs: list, n: torch.Tensor, sm: torch.Tensor, ss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         list[dict]]:
+    """Add each job's (stream, segment) speech-frame moments (counts [J], sums and sums of squares
+    [J, C, M]) to its stream's running statistics, in order -> the (mean, std) [J, C, M] each segment is
+    normalised with (its stream's, current after the segment's own update) and what each prediction says
+    of them. Round r takes the r-th new segment of every stream, so a stream that brought several sees
+    them one after another, as alone."""
+    rounds: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for k, (st, _, _) in enumerate(jobs):
+        r = seen[id(st)] = seen.get(id(st), -1) + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(k)
+    mean = std = None
+    infos: list = [None] * len(jobs)
+    for ks in rounds:
+        for k in ks:
+            jobs[k][0].adaptation.add(n[k], sm[k], ss[k])
+            infos[k] = jobs[k][0].adaptation_info()
+        m, d = RunningStats.current_each([jobs[k][0].adaptation for k in ks])
+        if len(rounds) == 1:
+            return m, d, infos
+        if mean is None:
+            mean, std = m.new_empty(len(jobs), *m.shape[1:]), d.new_empty(len(jobs), *d.shape[1:])
+        mean[ks], std[ks] = m, d
+    return mean, std, infos
+
+
 def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
     """The segments the frames ingested so far complete, for several streams (of one model) at once, each
     segment once: the deltas of all in one call; each stream's running statistics updated segment by
@@ -355,8 +378,8 @@ def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
                 level = speech_frames(raw_cpu)
                 masks = [level[k] if m is None else m for k, m in enumerate(masks)]
             n, sm, ss = moments_each(raw_cpu, torch.stack(masks))
-            stats, infos = zip(*(st._adapt((n[k], sm[k], ss[k])) for k, (st, _, _) in enumerate(jobs)))
-            feats = fe.normalize(raw, (torch.stack([m for m, _ in stats]), torch.stack([d for _, d in stats])))
+            mean, std, infos = _adapt_each(jobs, n, sm, ss)
+            feats = fe.normalize(raw, (mean, std))
     share = (time.perf_counter() - t0) / len(jobs)
     out: dict[int, list[Segment]] = {id(st): [] for st in streams}
     for (st, s, _), f, info in zip(jobs, feats, infos):
@@ -387,6 +410,10 @@ class StreamingRecognizer:
         self.min_speech = MIN_SPEECH_FRACTION if vad else MIN_SPEECH_ACTIVITY
         self.segments_seen = self.embedder_calls = self.segments_embedded = self.predictions = 0
         self.reset()
+        if partial and self.padding_cache.size:  # embed the padding segment of a fresh stream now, not in its
+            # first hop (where it was the slowest hop of a run); a hit, no CNN call, once a stream of the model has
+            with torch.no_grad(), intra_op_threads(1):  # as in a hop (``stream_ser.openmp``)
+                self.padding_cache.projections(self.model, [self.padding_segment()])
 
     def reset(self, adaptation: bool = True) -> None:
         """Forget all audio: the next sample is sample 0 of a new stream. Counters keep counting.

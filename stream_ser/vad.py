@@ -4,8 +4,10 @@ silero-vad's model ships inside its PyPI wheel (``silero_vad/data/silero_vad.jit
 so nothing is downloaded. The file is loaded directly: importing the
 ``silero_vad`` package would set torch to one thread for the whole process.
 The model is a small recurrent network with its own state, so every stream has
-its own :class:`SpeechDetector`; its calls run on one thread (on 2 threads the
-tiny ops cost 80 ms a chunk here instead of 0.3 ms).
+its own :class:`SpeechDetector`. One stream's chunks are scored on one thread
+(on 2 busy threads the tiny ops cost 80 ms a chunk here instead of 0.3 ms); the
+chunks of many streams scored together use all threads, as an engine hop does
+(``stream_ser.openmp.hop_threads``: 256 streams' hop 43 -> 26 ms on 2 cores).
 
 A window counts as speech when at least :data:`MIN_SPEECH_FRACTION` of its
 chunks have a speech probability above :data:`SPEECH_PROB`; otherwise it gets no
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .openmp import intra_op_threads
+from .openmp import hop_threads, intra_op_threads
 
 SAMPLE_RATE = 16_000
 CHUNK_SAMPLES = 512  # 32 ms: the chunk silero-vad takes at 16 kHz
@@ -162,31 +164,58 @@ def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
     """Score every queued chunk of every detector -> each one's new speech probabilities, in order.
 
     The network is recurrent, so a stream's chunks go one after another; the streams go side by side:
-    round r scores the r-th queued chunk of every detector that has one, in one batch, with each
-    stream's own state swapped in (the same probabilities as scoring each stream alone, to float
-    rounding: tested). With N streams a hop costs 10 model calls instead of 10 N.
+    round r scores the r-th queued chunk of every detector that has one, in one batch (the same
+    probabilities as scoring each stream alone, to float rounding: tested). With N streams a hop costs
+    10 model calls instead of 10 N, and the per-stream Python work is done once a call, not once a round:
+    the detectors are ordered by queued chunks, most first, so the ones still scoring in round r are a
+    prefix of that order; their states are gathered once, carried from round to round in the batch, and
+    handed back (as views of the batch's state) when a detector's chunks run out.
     """
-    out = [np.empty(len(d._queued), np.float32) for d in detectors]
-    rounds = max((len(d._queued) for d in detectors), default=0)
-    if rounds:
+    counts = [len(d._queued) for d in detectors]
+    out = [np.empty(c, np.float32) for c in counts]
+    active = sorted((i for i, c in enumerate(counts) if c), key=lambda i: -counts[i])
+    if active:
         model = detectors[0].model
-        with _MODEL_LOCK, intra_op_threads(1), torch.inference_mode():
+        dets = [detectors[i] for i in active]
+        rounds = counts[active[0]]
+        with _MODEL_LOCK, intra_op_threads(hop_threads(len(dets))), torch.inference_mode():
+            if all(len(d._queued) == rounds for d in dets):
+                chunks = torch.stack([d._queued for d in dets])  # [n, rounds, 512]
+            else:
+                chunks = torch.zeros(len(dets), rounds, CHUNK_SAMPLES)
+                for k, d in enumerate(dets):
+                    chunks[k, :len(d._queued)] = d._queued
+            probs = np.empty((len(dets), rounds), np.float32)
+            state = torch.cat([d._state for d in dets], 1)
+            context = torch.cat([d._context for d in dets], 0)
+            n = len(dets)
             for r in range(rounds):
-                idx = [i for i, d in enumerate(detectors) if r < len(d._queued)]
-                model._state = torch.cat([detectors[i]._state for i in idx], 1)
-                model._context = torch.cat([detectors[i]._context for i in idx], 0)
-                model._last_batch_size = len(idx)
+                m = n
+                while m and len(dets[m - 1]._queued) <= r:  # these are done: their state is final
+                    m -= 1
+                if m < n:
+                    _hand_back(dets[m:n], state[:, m:n], context[m:n])
+                    state, context, n = state[:, :m].contiguous(), context[:m].contiguous(), m
+                model._state, model._context = state, context
+                model._last_batch_size = n
                 model._last_sr = SAMPLE_RATE
-                probs = model(torch.stack([detectors[i]._queued[r] for i in idx]), SAMPLE_RATE)[:, 0].numpy()
+                probs[:n, r] = model(chunks[:n, r], SAMPLE_RATE)[:, 0].numpy()
                 state, context = model._state, model._context
-                for j, i in enumerate(idx):
-                    out[i][r] = probs[j]
-                    detectors[i]._state = state[:, j:j + 1].clone()
-                    detectors[i]._context = context[j:j + 1].clone()
+            _hand_back(dets[:n], state, context)
+        for k, i in enumerate(active):
+            out[i][:] = probs[k, :counts[i]]
     for d, p in zip(detectors, out):
-        d._queued = d._queued[len(p):]
+        if len(p):
+            d._queued = d._queued[len(p):]
         d._record(p)
     return out
+
+
+def _hand_back(dets: list[SpeechDetector], state: torch.Tensor, context: torch.Tensor) -> None:
+    """Give each detector its row of a batch's recurrent state [2, n, H] and context [n, S]: views (the
+    model makes new tensors each call, so nothing writes into them later)."""
+    for d, st, cx in zip(dets, state.unbind(1), context.unbind(0)):
+        d._state, d._context = st.unsqueeze(1), cx.unsqueeze(0)
 
 
 def speech_fraction_of(wave: np.ndarray) -> float:

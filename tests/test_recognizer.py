@@ -90,16 +90,22 @@ def test_each_segment_embedded_exactly_once(model, audio, monkeypatch):
     assert max(calls) == 1  # 160-sample chunks complete one segment at a time
     # partial windows add the padding segment, never a real segment twice; per-segment normalisation
     # makes the padding segment the same every hop, so it is embedded once (PaddingCache)
+    # (when the recognizer is made, so that its first hop embeds only its own segment)
     calls.clear()
     rec = StreamingRecognizer(model)
+    assert calls == [1] and rec.padding_cache.misses == 1  # the padding segment, before any audio
     preds = _run(rec, audio, _chunks(160, len(audio)))
     assert rec.segments_embedded == 12 and sum(calls) == 12 + 1 and len(preds) == 12
-    assert (rec.padding_cache.misses, rec.padding_cache.hits) == (1, 6)
+    assert set(calls[1:]) == {1}  # the first hop too: one segment per call
+    assert (rec.padding_cache.misses, rec.padding_cache.hits) == (1, 7)
+    calls.clear()
+    StreamingRecognizer(model, padding_cache=rec.padding_cache)  # a second stream sharing the cache: no call
+    assert calls == []
     # without the cache (size 0) it is embedded at every partial hop, and the answers are the same
     calls.clear()
     uncached = StreamingRecognizer(model, padding_cache=PaddingCache(size=0))
     again = _run(uncached, audio, _chunks(160, len(audio)))
-    assert sum(calls) == 12 + 7
+    assert sum(calls) == 12 + 7  # no warm-up (it would not be kept), and every partial hop
     np.testing.assert_allclose([list(p.probabilities.values()) for p in again],
                                [list(p.probabilities.values()) for p in preds], atol=1e-5, rtol=0)
     # a second stream sharing the cache (as an engine's streams do) embeds no padding at all

@@ -10,6 +10,7 @@ recomputed, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream_ser.model import compact_copy, quantize_for_cpu
+from stream_ser.model import CONV_INT8_KEY, compact_copy, quantize_for_cpu
 
 from .corpora import Corpus
 from .metrics import summarize
@@ -195,17 +196,26 @@ def fold_run_record(corpus: Corpus, cfg: TrainConfig, bank: FeatureBank, job: Fo
     small = compact_copy(model)
     compact = evaluate_model(small, bank, test_u, device, cfg.amp)
     # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 inference
-    deployed = (evaluate_model(quantize_for_cpu(small), bank, test_u, device, False)
-                if device.type == "cpu" and cfg.arch == "dcnn_blstmwa" else None)
+    deployed = conv8 = None
+    if device.type == "cpu" and cfg.arch == "dcnn_blstmwa":
+        deployed = evaluate_model(quantize_for_cpu(copy.deepcopy(small)), bank, test_u, device, False)
+        if cfg.normalization != "utterance":  # ... and with int8 convolutions too, their activation ranges
+            # measured on the fold's training speakers (as `ser-offline train` does), never on its test speakers
+            from .int8_ranges import conv_int8_meta
+            small.meta = dict(small.meta) | {CONV_INT8_KEY: conv_int8_meta(small, train_u, corpus.name, job.seed,
+                                                                            log=lambda m: None)}
+            conv8 = evaluate_model(quantize_for_cpu(small), bank, test_u, device, False)
     rec = {"fold": fold.name, "run": job.run, "seed": job.seed, "test": list(fold.test), "val": list(fold.val),
            "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
            "compact_uar": compact["uar"], "compact_wa": compact["wa"],
            "int8_uar": deployed["uar"] if deployed else None,
+           "int8_conv_uar": conv8["uar"] if conv8 else None,
            "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"], "probs": res["probs"]},
            "train_info": info, "seconds": time.time() - t0, "config_fingerprint": fingerprint}
     log(f"fold {fold.name} run {job.run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} "
         f"(int8 compact: UAR {compact['uar']:.4f}"
-        + (f"; int8 inference: UAR {deployed['uar']:.4f}" if deployed else "") + f") ({rec['seconds']:.0f} s)")
+        + (f"; int8 inference: UAR {deployed['uar']:.4f}" if deployed else "")
+        + (f"; with int8 convolutions: UAR {conv8['uar']:.4f}" if conv8 else "") + f") ({rec['seconds']:.0f} s)")
     return rec
 
 

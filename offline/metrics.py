@@ -59,6 +59,8 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
     fold_uar = {f: float(np.mean(v)) for f, v in sorted(by_fold.items())}
     compact = [r["compact_uar"] for r in fold_runs if r.get("compact_uar") is not None]
     int8 = [(r["int8_uar"], r["uar"]) for r in fold_runs if r.get("int8_uar") is not None]
+    conv8 = [(r["int8_conv_uar"], r["uar"]) for r in fold_runs if r.get("int8_conv_uar") is not None]
+    every = lambda xs: len(xs) == len(fold_runs) and bool(xs)  # noqa: E731  (a mean only over every fold-run)
     m, s = mean_std(fold_uar.values())
     rec = recall_per_class(pooled)
     ens = ensemble_fold_uar(fold_runs, K)
@@ -73,8 +75,12 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         # the int8 compact copy of each fold's model, on the same test speaker (mean over fold-runs)
         "compact_uar_mean": float(np.mean(compact)) if len(compact) == len(fold_runs) and compact else None,
         # ... run with int8 FC6/FC7 inference, as `stream-ser live` runs it on a CPU
-        "int8_uar_mean": float(np.mean([a for a, _ in int8])) if len(int8) == len(fold_runs) and int8 else None,
-        "int8_max_abs_diff": float(max(abs(a - b) for a, b in int8)) if len(int8) == len(fold_runs) and int8 else None,
+        "int8_uar_mean": float(np.mean([a for a, _ in int8])) if every(int8) else None,
+        "int8_max_abs_diff": float(max(abs(a - b) for a, b in int8)) if every(int8) else None,
+        # ... and with int8 convolutions as well, calibrated on the fold's training speakers (since 2026-11-26)
+        "int8_conv_uar_mean": float(np.mean([a for a, _ in conv8])) if every(conv8) else None,
+        "int8_conv_max_abs_diff": float(max(abs(a - b) for a, b in conv8)) if every(conv8) else None,
+        "int8_conv_fold_runs": len(conv8),
         "uar_run_mean": float(np.mean([r["uar"] for r in fold_runs])) if fold_runs else float("nan"),
     }
 

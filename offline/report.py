@@ -146,6 +146,14 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| UAR with int8 CPU inference (compact model, int8 FC6/FC7), mean over fold-runs (%) | "
                      f"{100 * s['int8_uar_mean']:.2f} (largest change on one fold: "
                      f"{100 * s['int8_max_abs_diff']:.2f} points) | – |")
+    if s.get("int8_conv_uar_mean") is not None:
+        lines.append(f"| UAR with int8 convolutions as well (activation ranges from each fold's training speakers), "
+                     f"mean over fold-runs (%) | {100 * s['int8_conv_uar_mean']:.2f} (largest change on one fold: "
+                     f"{100 * s['int8_conv_max_abs_diff']:.2f} points) | – |")
+    elif s.get("int8_conv_fold_runs"):
+        lines.append(f"| UAR with int8 convolutions as well | measured on {s['int8_conv_fold_runs']} of "
+                     f"{s['n_fold_runs']} fold-runs only (the others ran before it existed): no mean; per fold-run "
+                     "in results.json (`int8_conv_uar`) | – |")
     lines.append("")
     lines += ["## UAR per fold (%)", "", "| test | validation | " + " | ".join(f"run {r}" for r in range(cfg["runs"]))
               + " | mean |", "|---|---|" + "---|" * (cfg["runs"] + 1)]

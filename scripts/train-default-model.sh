@@ -14,6 +14,7 @@ mkdir -p runs/default-level
 .venv/bin/ser-offline train --corpus emodb+ravdess --data "$emodb,$ravdess" --preset cpu \
     --speeds 3 --stage1-epochs 5 --silence-floor 2 --onset-below-peak-db 40 --log-floor 1e-14 \
     --out runs/default-level/model.pt --compact "$@"
+# (train also measures the int8 convolutions' activation ranges on the training speakers: meta["conv_int8"])
 # the softmax temperature from held-out predictions of this recipe (docs/default-model.md); labels unchanged
 .venv/bin/ser-offline calibrate docs/results/pilots/multicorpus-level-cpu-speeds3-folds-emodb03-ravdess21-24 \
     --checkpoint runs/default-level/model-int8.pt --out stream_ser/assets/default.pt

@@ -128,9 +128,9 @@ class MultiStreamEngine:
                 if partial:  # the padding segments of all partial windows in one embedder call
                     proj = self.padding_cache.projections(self.model, [rec.padding_segment() for rec in partial])
                     pads = {id(rec): p for rec, p in zip(partial, proj)}
-                with torch.no_grad():
-                    logits, alpha = self.model.head.infer(
-                        torch.stack([rec.window_projections(pads.get(id(rec))) for rec in batch]))
+                with torch.no_grad():  # every window's 8 projections in one stack, not one per stream
+                    rows = [p for rec in batch for p in rec.window_projection_list(pads.get(id(rec)))]
+                    logits, alpha = self.model.head.infer(torch.stack(rows).view(len(batch), -1, *rows[0].shape))
                     probs = self.model.probabilities(logits).cpu().numpy()
                 alpha = alpha.cpu().numpy()
                 head_ms = 1e3 * (time.perf_counter() - t0)

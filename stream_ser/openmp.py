@@ -63,10 +63,14 @@ def intra_op_threads(n: int):
             torch.set_num_threads(before)
 
 
-def embedding_threads(n_segments: int, image_size: int) -> int:
+def embedding_threads(n_segments: int, image_size: int, int8_convolutions: bool = False) -> int:
     """Threads for one CNN batch of ``n_segments`` at ``image_size`` px: all of them once the batch is
-    worth it (:data:`PARALLEL_MIN_PIXELS`), else those in force (one, inside a live hop)."""
+    worth it (:data:`PARALLEL_MIN_PIXELS`), else those in force (one, inside a live hop). A single segment
+    through int8 convolutions runs on one: their kernels split one image badly (measured at 227 px:
+    3.4 ms on one thread, 9-13 ms on two; from two segments on, two threads win)."""
     import torch
+    if int8_convolutions and n_segments < 2:
+        return 1  # (also inside an engine hop of many streams, which runs on all threads)
     if n_segments * image_size * image_size >= PARALLEL_MIN_PIXELS:
         return available_threads()
     return torch.get_num_threads()

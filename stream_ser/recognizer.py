@@ -88,7 +88,8 @@ class Segment:
 
 def embed_and_project(model: EmotionModel, features: list[torch.Tensor]) -> torch.Tensor:
     """Segments [C, M, L] -> the head's cached input projections [N, dirs, 4H], in one embedder batch."""
-    threads = embedding_threads(len(features), model.frontend_config.image_size)
+    threads = embedding_threads(len(features), model.frontend_config.image_size,
+                                getattr(model.embedder, "int8_convolutions", False))
     with torch.no_grad(), intra_op_threads(threads):
         return model.head.project(model.embed(torch.stack(features)))
 
@@ -487,12 +488,16 @@ class StreamingRecognizer:
         """The current window's projections [8, dirs, 4H], oldest first; a window not yet full is completed
         with the projection of a padding segment (what a zero-padded utterance gives in training).
         ``padding``: that projection when the caller has embedded it already (the engine, in one batch)."""
+        return torch.stack(self.window_projection_list(padding))
+
+    def window_projection_list(self, padding: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """:meth:`window_projections` as a list of 8 [dirs, 4H] (an engine stacks many windows' in one call)."""
         proj = [p for p, _ in self._cache]
         if len(proj) < self.window:
             pad = (padding if padding is not None
                    else self.padding_cache.projections(self.model, [self.padding_segment()])[0])
             proj += [pad] * (self.window - len(proj))
-        return torch.stack(proj)
+        return proj
 
     @property
     def window_is_full(self) -> bool:

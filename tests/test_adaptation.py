@@ -293,3 +293,34 @@ def test_with_a_speech_detector_its_verdicts_decide_and_not_the_level():
     n_det = moments_each(raw, detector)[0]
     assert n_gate.item() == 2  # frames 0 and 4: over the gate
     assert n_det.item() == 4  # frames 0, 1, 2, 5: kept by the detector, over digital silence (3 is not)
+
+
+def test_statistics_of_many_streams_at_once_equal_each_alone():
+    """The engine computes every stream's current statistics in one batch (``RunningStats.current_each``):
+    the same numbers as each stream's own, whatever its prior weight, its speech so far, or its cache."""
+    torch.manual_seed(0)
+    C, M = 3, 16
+    prior = Stats(torch.randn(C, M), torch.rand(C, M) + 0.5, 0.0)
+
+    def fresh(k: int) -> RunningStats:
+        st = RunningStats(prior, prior_frames=[0, 100, 300, 0, 50, 10][k])
+        if k % 3:  # some have heard speech (loud, so the level shift matters), some not
+            x = (torch.randn(C, M, 40, generator=torch.Generator().manual_seed(k)) * 3 + 2 * k).double()
+            st.add(torch.tensor(40.0, dtype=torch.float64), x.sum(-1), x.square().sum(-1))
+        return st
+
+    alone = []
+    for k in range(6):
+        st = fresh(k)
+        m, d = st.current().mean.clone(), st.current().std.clone()
+        alone.append((m, d, st.current().frames))
+    many = [fresh(k) for k in range(6)]
+    many[2].current()  # one of them cached already
+    mean, std = RunningStats.current_each(many)
+    assert mean.shape == std.shape == (6, C, M) and mean.dtype == torch.float32
+    for k, (m, d, frames) in enumerate(alone):
+        torch.testing.assert_close(mean[k], m, rtol=0, atol=0)
+        torch.testing.assert_close(std[k], d, rtol=0, atol=0)
+        assert many[k].current().frames == frames
+    torch.testing.assert_close(mean[0], prior.mean)  # no prior weight, no speech: the prior itself
+    assert not torch.equal(mean[1, 0], prior.mean[0])  # speech heard: the level moved

@@ -25,10 +25,27 @@ def test_cpu_loads_int8_by_default_and_fp32_on_request(models):
     assert "int8" in q.describe() and "int8" not in f.describe()
     assert not any(type(m) is nn.Linear for m in q.embedder.fc.modules())  # FC6/FC7 replaced
     assert sum(type(m) is nn.Linear for m in f.embedder.fc.modules()) == 2
-    # and its convolutions run channels-last, for the same features as the NCHW layout
+    # the bundled model carries its activation ranges, so its convolutions run in int8 too
+    assert q.embedder.int8_convolutions and "int8 convolutions" in q.describe()
+    assert not any(type(m) is nn.Conv2d for m in q.embedder.features.modules())
+    assert not f.embedder.int8_convolutions
+    with pytest.raises(ValueError, match="precision"):
+        load_checkpoint(default_checkpoint(), "cpu", precision="int4")
+
+
+def test_without_activation_ranges_the_convolutions_run_channels_last(models):
+    """A checkpoint without ``meta["conv_int8"]`` (made before it, or not calibrated) keeps float32
+    convolutions, channels-last, for the same features as the NCHW layout."""
+    import copy
+
+    from stream_ser.model import CONV_INT8_KEY, quantize_for_cpu
+    _, f = models
+    plain = copy.deepcopy(f)
+    plain.meta = {k: v for k, v in plain.meta.items() if k != CONV_INT8_KEY}
+    q = quantize_for_cpu(plain)
+    assert not q.embedder.int8_convolutions and "channels-last" in q.describe()
     conv = q.embedder.features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    import copy
     nchw = copy.deepcopy(q)
     nchw.embedder.features.to(memory_format=torch.contiguous_format)
     x = torch.randn(3, q.frontend_config.channels, 64, 64)
@@ -36,8 +53,6 @@ def test_cpu_loads_int8_by_default_and_fp32_on_request(models):
         torch.testing.assert_close(q.embedder.features(q.frontend.images(x).contiguous(
             memory_format=torch.channels_last)), nchw.embedder.features(q.frontend.images(x)), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(q.embed(x), nchw.embed(x), atol=1e-3, rtol=1e-3)
-    with pytest.raises(ValueError, match="precision"):
-        load_checkpoint(default_checkpoint(), "cpu", precision="int4")
 
 
 def test_int8_agrees_with_fp32_on_real_speech(models, emodb_dir):
@@ -93,3 +108,50 @@ def test_folding_the_pool_into_fc6_keeps_the_embeddings(size, inputs):
         q = quantize_for_cpu(copy.deepcopy(m))  # the CPU fast path folds too, then quantises
         assert ("pool folded" in q.meta["inference"]) == (inputs is not None)
         assert float((q.embed(x) - m.embed(x)).abs().max()) < 0.02 * float(m.embed(x).abs().max())
+
+
+def test_calibrated_int8_convolutions_are_batch_independent_close_and_survive_the_checkpoint(emodb_wav, tmp_path):
+    """Static quantisation fixes each activation's range beforehand (from real speech through the live path), so
+    a segment's conv features do not depend on the batch it rides in (dynamic quantisation's do); they stay close
+    to float32's; the ranges travel in the checkpoint (``weights_only``) and must fit the network."""
+    import copy
+
+    from offline.corpora import Utterance
+    from offline.int8_ranges import live_images
+    from stream_ser.config import FrontendConfig
+    from stream_ser.model import (CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, quantize_convolutions,
+                                  save_checkpoint)
+    torch.manual_seed(0)
+    fp32 = EmotionModel(FrontendConfig(image_size=112, normalization="speaker")).eval()
+    utts = [Utterance(emodb_wav(stem), "anger", stem[:2], stem[:2], stem) for stem in ("03a01Wa", "08a01Ab", "16b01Tb")]
+    images, counts = live_images(fp32, utts)
+    assert counts == {"files": 3, "bad_files": 0, "speakers": 3} and images.shape[1:] == (3, 112, 112)
+    cal = calibrate_conv_int8(fp32, images)
+    assert set(cal["points"]) == {"quant", "features.0", "features.3", "features.6", "features.8", "features.10"}
+    q = copy.deepcopy(fp32)
+    q.meta = {CONV_INT8_KEY: cal}
+    assert quantize_convolutions(q) and q.embedder.int8_convolutions
+    x = images[:6]
+    with torch.no_grad():
+        batched = q.embedder.features(x)
+        alone = torch.cat([q.embedder.features(x[i:i + 1]) for i in range(len(x))])
+        ref = fp32.embedder.features(x)
+    torch.testing.assert_close(batched, alone, rtol=0, atol=0)  # the same integers, whatever the batch
+    assert float((batched - ref).norm() / ref.norm()) < 0.05
+    # through a checkpoint: load_checkpoint's default CPU path picks the ranges up
+    path = save_checkpoint(_with_meta(fp32, {CONV_INT8_KEY: cal}), tmp_path / "m.pt")
+    loaded = load_checkpoint(path, "cpu")
+    assert loaded.embedder.int8_convolutions
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embedder.features(x), batched, rtol=0, atol=0)
+    # ranges of another network are refused, not silently misapplied
+    wrong = _with_meta(fp32, {CONV_INT8_KEY: {**cal, "points": {"quant": cal["points"]["quant"]}}})
+    with pytest.raises(ValueError, match="does not fit"):
+        quantize_convolutions(wrong)
+
+
+def _with_meta(model, meta: dict):
+    import copy
+    m = copy.deepcopy(model)
+    m.meta = dict(m.meta) | meta
+    return m

@@ -166,10 +166,13 @@ def test_loso_end_to_end_writes_results_report_and_plot(emodb_dir, tmp_path, cap
     for r in res["fold_runs"]:
         assert 0 <= r["uar"] <= 1 and len(r["predictions"]["pred"]) == 4 and r["test"] == [r["fold"]]
         assert r["val"][0] not in r["train"] and r["fold"] not in r["train"]
+        assert 0 <= r["int8_uar"] <= 1 and 0 <= r["int8_conv_uar"] <= 1  # the CPU's int8 paths, on the test speaker
     s = res["summary"]
+    assert s["int8_conv_uar_mean"] == pytest.approx(np.mean([r["int8_conv_uar"] for r in res["fold_runs"]]))
     assert np.asarray(s["confusion"]).sum() == 12 and res["machine"]["torch"] == torch.__version__
     report = (out / "report.md").read_text()
     assert "UAR, mean ± std over folds" in report and "81.31" in report  # the paper's no-pretraining figure
+    assert "int8 convolutions as well" in report
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "run.log").read_text().count("test UAR") == 3
     # resuming recomputes nothing
@@ -203,6 +206,42 @@ def test_train_command_writes_a_deployable_checkpoint(emodb_dir, tmp_path):
     assert "emodb" in model.meta["trained_on"] and model.meta["val_speakers"] == ["03"]
     assert len(model.meta["speakers"]) == 9 and model.frontend_config.image_size == 64
     assert "18 utterances" in model.meta["trained_on"]  # --max-per-speaker 2, speaker 03 held out
+    # its int8 convolutions' activation ranges, measured on its training speakers through the live path
+    cal = model.meta["conv_int8"]
+    assert cal["speakers"] == 9 and cal["files"] == 18 and cal["images"] > 18 and len(cal["points"]) == 6
+    assert model.embedder.int8_convolutions and "int8 convolutions" in model.describe()
+    assert not load_checkpoint(out, precision="fp32").embedder.int8_convolutions
+
+
+def test_int8_calibrate_writes_the_ranges_into_a_copy_and_errors_are_clear(emodb_dir, tmp_path, capsys):
+    """`ser-offline int8-calibrate` adds ``meta["conv_int8"]`` to a checkpoint made without it (older ones)
+    and changes nothing else; the same model then runs its convolutions in int8 on a CPU."""
+    from stream_ser.model import EmotionModel, read_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    model = EmotionModel(FrontendConfig(image_size=64, normalization="speaker"))
+    model.meta = {"speakers": ["03", "08"], "trained_on": "test"}
+    src = save_checkpoint(model.eval(), tmp_path / "old.pt")
+    assert not load_checkpoint(src).embedder.int8_convolutions
+    out = tmp_path / "new.pt"
+    assert offline_cli.main(["int8-calibrate", "--checkpoint", str(src), "--corpus", "emodb", "--data",
+                             str(emodb_dir), "--out", str(out)]) == 0
+    assert "activation ranges" in capsys.readouterr().out
+    before, after = read_checkpoint(src), read_checkpoint(out)
+    assert after["meta"]["conv_int8"]["speakers"] == 2 and after["meta"]["conv_int8"]["files"] == 8  # its speakers only
+    assert {k: v for k, v in after["meta"].items() if k != "conv_int8"} == before["meta"]
+    for k, v in before["state_dict"].items():
+        assert torch.equal(after["state_dict"][k], v)
+    fast = load_checkpoint(out)
+    assert fast.embedder.int8_convolutions and "int8 convolutions" in fast.describe()
+    # errors: a missing checkpoint, a corpus without its speakers
+    assert offline_cli.main(["int8-calibrate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(emodb_dir),
+                             "--out", str(out)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    model.meta = {"speakers": ["ravdess:01"]}
+    other = save_checkpoint(model, tmp_path / "other.pt")
+    assert offline_cli.main(["int8-calibrate", "--checkpoint", str(other), "--data", str(emodb_dir), "--out",
+                             str(out)]) == 2
+    assert "training speakers" in capsys.readouterr().err
 
 
 def test_bad_corpus_and_unknown_speaker_are_clear_errors(tmp_path, emodb_dir, capsys):

@@ -80,6 +80,11 @@ def test_only_cnn_batches_worth_it_take_every_thread(two_threads):
         assert embedding_threads(2, 112) == 1
         assert embedding_threads(1, 227) == 2  # the paper's input: worth both cores
         assert embedding_threads(13, 64) == 2  # a batch of many streams' segments
+        # int8 convolutions split one image badly over threads (227 px: 3.4 ms on one, 9-13 ms on two)
+        assert embedding_threads(1, 227, int8_convolutions=True) == 1
+        assert embedding_threads(2, 227, int8_convolutions=True) == 2
+        with intra_op_threads(2):  # an engine hop of many streams runs on all threads; one int8 segment still not
+            assert embedding_threads(1, 227, int8_convolutions=True) == 1
 
 
 def _record_threads(model):

@@ -407,6 +407,22 @@ CPU_NOTES = [
     "this path ran 3739 s/s with OpenMP's default wait policy and 1905 with PASSIVE, on one 5246 (librosa about "
     "1300 s/s in those runs); building the log-Mel in one buffer (pre-emphasis, window and FFT padding without "
     "three copies) is worth about 18 % on one thread.",
+    "- 2026-11-26, late evening (the int8 section above, idle machine, training paused; about 4 min): three changes. "
+    "(1) int8 convolutions: static quantisation of AlexNet's conv stack with activation ranges measured on real "
+    "speech through the live path and stored in the checkpoint (`meta[\"conv_int8\"]`, `ser-offline "
+    "int8-calibrate`; here this untrained model's ranges from the benchmark's files, which the speed does not "
+    "depend on). One segment's conv stack on one thread 6.5 -> 1.7 ms at 227 px; a single int8 segment runs on "
+    "one thread (on two its kernels took 9-13 ms). (2) A recognizer embeds its padding segment when it is made, "
+    "not in its first hop, which was the slowest hop of a run. (3) The engine's speech detection carries the "
+    "batch's recurrent state from round to round and runs on all threads for 8 or more streams, the speaker "
+    "statistics of all streams' new segments are one batched computation, and the head's windows one stack: "
+    "256 streams of a 64 px cnn_lstm model fed as fast as possible (timed by phase, as `python -m bench.profile_engine --arch cnn_lstm --image-size 64 --normalization speaker` feeds them), "
+    "297-306 -> 233-270 ms a hop on two threads (speech detection 59-62 -> 28-36 ms). Against the evening's run: "
+    "227 px p50 8.4 -> 6.6 ms, p95 9.5 -> 7.4, p99 12.6 -> 8.4 (target <= 12 ms: met); 112 px p99 8.1 -> 5.2 ms; "
+    "capacity 64 -> 160 streams at 227 px (192 missed) and 160 -> at least 320 at 112 px (the ladder's top; "
+    "p99 243 ms there, not saturated). The cache ratio falls (3.2 -> 2.1 at 227 px, 1.8 -> 1.7 at 112 px): int8 "
+    "made the conv work, which the cache saves, cheaper, so the 6x target is further away while both paths got "
+    "faster. Front-end 3.7x librosa (librosa ran 1506 s/s this time, ours 5501 s/s).",
     "",
 ]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream_ser.model import read_checkpoint
+from stream_ser.model import read_checkpoint, write_payload
 
 # --- constants ----------------------------------------------------------------------
 T_MIN, T_MAX = 0.05, 20.0  # search range of the temperature
@@ -130,9 +130,5 @@ def calibrate_checkpoint(checkpoint: Path, run_dirs: list[Path], out: Path) -> d
             "mean_confidence_after": round(float(cal.max(1).mean()), 4),
             "accuracy": round(float((probs.argmax(1) == true).mean()), 4)}
     payload["meta"] = dict(payload["meta"] or {}) | {"calibration": info}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    write_payload(payload, out)
     return info

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from stream_ser.audio import AudioError, load_audio
-from stream_ser.model import CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, quantize_for_cpu, read_checkpoint
+from stream_ser.model import (CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, quantize_for_cpu, read_checkpoint,
+                              write_payload)
 from stream_ser.recognizer import StreamingRecognizer
 
 from .corpora import Utterance
@@ -99,9 +100,5 @@ def calibrate_int8_checkpoint(checkpoint: Path, utterances: list[Utterance], cor
     model.meta.pop(CONV_INT8_KEY, None)
     cal = conv_int8_meta(model, utterances, corpus, seed, log)
     payload["meta"] = dict(payload["meta"] or {}) | {CONV_INT8_KEY: cal}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    write_payload(payload, out)
     return cal

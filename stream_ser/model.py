@@ -406,8 +406,6 @@ def save_checkpoint(model: EmotionModel, path: str | Path, compact: bool = False
 
     ``compact``: see :func:`compact_state` (about a quarter of the size; dequantised at load).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if compact:
         state, scales = compact_state(model.state_dict())
     else:
@@ -422,9 +420,17 @@ def save_checkpoint(model: EmotionModel, path: str | Path, compact: bool = False
         "state_dict": state,
         "scales": scales,
     }
+    return write_payload(payload, path)
+
+
+def write_payload(payload: dict, path: str | Path) -> Path:
+    """Write a checkpoint payload (as :func:`save_checkpoint` builds it, or :func:`read_checkpoint` returns
+    it, amended) through a temporary file, so that a half-written checkpoint never has the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    tmp.replace(path)
     return path
 
 

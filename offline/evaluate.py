@@ -195,7 +195,8 @@ def fold_run_record(corpus: Corpus, cfg: TrainConfig, bank: FeatureBank, job: Fo
     res = evaluate_model(model, bank, test_u, device, cfg.amp)
     small = compact_copy(model)
     compact = evaluate_model(small, bank, test_u, device, cfg.amp)
-    # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 inference
+    # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 inference (a checkpoint
+    # without activation ranges), and with int8 convolutions as well (one with them, as `train` writes it)
     deployed = conv8 = None
     if device.type == "cpu" and cfg.arch == "dcnn_blstmwa":
         deployed = evaluate_model(quantize_for_cpu(copy.deepcopy(small)), bank, test_u, device, False)

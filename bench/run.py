@@ -420,7 +420,8 @@ CPU_NOTES = [
     "297-306 -> 233-270 ms a hop on two threads (speech detection 59-62 -> 28-36 ms). Against the evening's run: "
     "227 px p50 8.4 -> 6.6 ms, p95 9.5 -> 7.4, p99 12.6 -> 8.4 (target <= 12 ms: met); 112 px p99 8.1 -> 5.2 ms; "
     "capacity 64 -> 160 streams at 227 px (192 missed) and 160 -> at least 320 at 112 px (the ladder's top; "
-    "p99 243 ms there, not saturated). The cache ratio falls (3.2 -> 2.1 at 227 px, 1.8 -> 1.7 at 112 px): int8 "
+    "p99 243 ms there, not saturated; a second ladder at 112 px alone, `--image-sizes 112 --repeats 1 --ladder 320 384 448 512 "
+    "640` written elsewhere, kept 384 streams, p99 307 ms, and missed 448, p99 721 ms). The cache ratio falls (3.2 -> 2.1 at 227 px, 1.8 -> 1.7 at 112 px): int8 "
     "made the conv work, which the cache saves, cheaper, so the 6x target is further away while both paths got "
     "faster. Front-end 3.7x librosa (librosa ran 1506 s/s this time, ours 5501 s/s).",
     "",

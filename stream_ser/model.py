@@ -635,7 +635,8 @@ def read_checkpoint(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> EmotionModel:
     """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode.
 
-    ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, fp32 elsewhere; see
+    ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, and the convolutions where ``meta["conv_int8"]`` holds
+    their activation ranges; fp32 elsewhere; see
     :func:`quantize_for_cpu`), ``int8`` (the same), ``fp32``, or ``bf16`` / ``fp16`` (the CNN in
     half precision, :func:`half_precision_cnn`).
     """

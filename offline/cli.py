@@ -319,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         from .int8_ranges import calibrate_int8_checkpoint
         try:
             corpus = load_corpus(args.corpus, args.data)
-            speakers = set((read_checkpoint(args.checkpoint).get("meta") or {}).get("speakers") or corpus.speakers)
+            payload = read_checkpoint(args.checkpoint)
+            speakers = set((payload.get("meta") or {}).get("speakers") or corpus.speakers)
             utts = [u for u in corpus.utterances if u.speaker in speakers]
             if not utts:
                 raise ValueError(f"none of the checkpoint's training speakers ({sorted(speakers)[:6]} ...) is in "
                                  f"{args.data}: give the corpus it was trained on")
-            cal = calibrate_int8_checkpoint(Path(args.checkpoint), utts, corpus.name, Path(args.out), args.seed)
+            cal = calibrate_int8_checkpoint(Path(args.checkpoint), utts, corpus.name, Path(args.out), args.seed,
+                                            payload=payload)
         except (CheckpointError, CorpusError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -91,12 +91,14 @@ def conv_int8_meta(model: EmotionModel, utterances: list[Utterance], corpus: str
 
 
 def calibrate_int8_checkpoint(checkpoint: Path, utterances: list[Utterance], corpus: str, out: Path,
-                              seed: int = 0, log=print) -> dict:
+                              seed: int = 0, log=print, payload: dict | None = None) -> dict:
     """Measure the ranges on ``utterances`` (the checkpoint's training speakers') and write ``out``: the
-    checkpoint's file with ``meta["conv_int8"]`` set and nothing else changed (weights copied as stored)."""
+    checkpoint's file with ``meta["conv_int8"]`` set and nothing else changed (weights copied as stored).
+    ``payload``: the checkpoint's contents if already read (:func:`read_checkpoint`), so it is read once."""
     from stream_ser.model import load_checkpoint
-    payload = read_checkpoint(checkpoint)  # CheckpointError when missing, unreadable or not a checkpoint
-    model = load_checkpoint(checkpoint, "cpu", precision="fp32")
+    if payload is None:
+        payload = read_checkpoint(checkpoint)  # CheckpointError when missing, unreadable or not a checkpoint
+    model = load_checkpoint(checkpoint, "cpu", precision="fp32", payload=payload)
     model.meta.pop(CONV_INT8_KEY, None)
     cal = conv_int8_meta(model, utterances, corpus, seed, log)
     payload["meta"] = dict(payload["meta"] or {}) | {CONV_INT8_KEY: cal}

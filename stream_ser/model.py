@@ -632,8 +632,10 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> EmotionModel:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto",
+                    payload: dict | None = None) -> EmotionModel:
     """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode.
+    ``payload``: the file's contents when the caller has read them already (:func:`read_checkpoint`).
 
     ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, and the convolutions where ``meta["conv_int8"]`` holds
     their activation ranges; fp32 elsewhere; see
@@ -642,7 +644,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    payload = read_checkpoint(path)
+    payload = read_checkpoint(path) if payload is None else payload
     path = Path(path)
     try:
         fc = FrontendConfig.from_dict(payload["frontend_config"])

@@ -82,7 +82,46 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         "int8_conv_max_abs_diff": float(max(abs(a - b) for a, b in conv8)) if every(conv8) else None,
         "int8_conv_fold_runs": len(conv8),
         "uar_run_mean": float(np.mean([r["uar"] for r in fold_runs])) if fold_runs else float("nan"),
+        "by_corpus": summarize_by_corpus(fold_runs, labels),
     }
+
+
+def fold_corpus(fold: str) -> str | None:
+    """The corpus of a multi-corpus fold name ("emodb:03" -> "emodb"); None for a single-corpus fold ("03")."""
+    return fold.split(":", 1)[0] if ":" in fold else None
+
+
+def summarize_by_corpus(fold_runs: list[dict], labels: Sequence[str]) -> dict | None:
+    """A multi-corpus run's figures per corpus of its held-out speakers, None for a single-corpus run.
+
+    One model per fold is trained on every corpus, but a fold's test speakers come from one corpus, and a
+    mean over folds of different corpora (one German speaker, four English actors) answers no user's
+    question. Per corpus: UAR mean +- std over its folds, pooled confusion, UAR and recall per class (None for
+    a label the corpus never carries)."""
+    groups: dict[str, list[dict]] = {}
+    for r in fold_runs:
+        c = fold_corpus(r["fold"])
+        if c is None:
+            return None
+        groups.setdefault(c, []).append(r)
+    if not groups:
+        return None
+    K = len(labels)
+    out = {}
+    for c, runs in sorted(groups.items()):
+        by_fold: dict[str, list[float]] = {}
+        pooled = np.zeros((K, K), dtype=np.int64)
+        for r in runs:
+            by_fold.setdefault(r["fold"], []).append(r["uar"])
+            pooled += np.asarray(r["confusion"], dtype=np.int64)
+        m, s = mean_std(float(np.mean(v)) for v in by_fold.values())
+        rec = recall_per_class(pooled)
+        present = [lab for lab, n in zip(labels, pooled.sum(axis=1)) if n > 0]
+        out[c] = {"uar_mean": m, "uar_std": s, "n_folds": len(by_fold), "n_fold_runs": len(runs),
+                  "pooled_uar": uar(pooled), "pooled_wa": wa(pooled), "labels_present": present,
+                  "recall": {lab: (None if math.isnan(x) else float(x)) for lab, x in zip(labels, rec)},
+                  "confusion": pooled.tolist()}
+    return out
 
 
 def ensemble_fold_uar(fold_runs: list[dict], n_classes: int) -> dict[str, float]:

@@ -50,20 +50,23 @@ def paper_reference(corpus: str, cfg: dict) -> tuple[str, tuple[float, float]] |
     return name + note, ref[key]
 
 
-def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str,
+                   rows: list[str] | None = None) -> None:
+    """Row-normalised confusion heat map. ``cm`` [R, K]: R true classes (``rows``, default ``labels``), K predicted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cm = np.asarray(cm, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2.5, 1.0 * len(labels) + 2))
+    rows = labels if rows is None else rows
+    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2.5, 1.0 * len(rows) + 2))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(len(labels)):
+    for i in range(len(rows)):
         for j in range(len(labels)):
             ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if norm[i, j] > 0.5 else "black")
@@ -83,6 +86,29 @@ def _mean_std(summary: dict, name: str) -> str:
     if summary.get(f"{name}_mean") is None:
         return "–"
     return f"{100 * summary[f'{name}_mean']:.2f} ± {100 * summary[f'{name}_std']:.2f}"
+
+
+def _by_corpus_lines(by_corpus: dict | None, labels: list[str]) -> list[str]:
+    """A multi-corpus run's figures per corpus of the held-out speakers ([] for a single-corpus run)."""
+    if not by_corpus:
+        return []
+    lines = ["## Per corpus of the held-out speakers", "",
+             "Each fold's model is trained on every corpus; its test speakers come from one. What a user of each "
+             "corpus's language and style can expect:", "",
+             "| corpus | folds | UAR, mean ± std over its folds (%) | pooled UAR (%) | pooled WA (%) | chance (%) |",
+             "|---|---|---|---|---|---|"]
+    for c, g in by_corpus.items():
+        chance = 100 / len(g["labels_present"]) if g["labels_present"] else float("nan")
+        lines.append(f"| {c} | {g['n_folds']} | **{_mean_std(g, 'uar')}** | {_pct(g['pooled_uar'])} | "
+                     f"{_pct(g['pooled_wa'])} | {chance:.1f} |")
+    lines += ["", "Recall per class, pooled over each corpus's folds (%; – where the corpus has no such label):", "",
+              "| corpus | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for c, g in by_corpus.items():
+        lines.append(f"| {c} | " + " | ".join(_pct(g["recall"].get(lab)) for lab in labels) + " |")
+    lines.append("")
+    for c in by_corpus:
+        lines += [f"![confusion, {c}](confusion-{c}.png)", ""]
+    return lines
 
 
 def render_markdown(results: dict) -> str:
@@ -155,6 +181,7 @@ def render_markdown(results: dict) -> str:
                      f"{s['n_fold_runs']} fold-runs only (the others ran before it existed): no mean; per fold-run "
                      "in results.json (`int8_conv_uar`) | – |")
     lines.append("")
+    lines += _by_corpus_lines(s.get("by_corpus"), labels)
     lines += ["## UAR per fold (%)", "", "| test | validation | " + " | ".join(f"run {r}" for r in range(cfg["runs"]))
               + " | mean |", "|---|---|" + "---|" * (cfg["runs"] + 1)]
     by = {}
@@ -193,6 +220,13 @@ def write_report(run_dir: str | Path) -> Path:
         title = (f"{results['corpus']} {results['preset']}: UAR {100 * s['uar_mean']:.1f} ± "
                  f"{100 * s['uar_std']:.1f} % (pooled {100 * s['pooled_uar']:.1f} %)")
         plot_confusion(np.asarray(s["confusion"]), results["labels"], run_dir / "confusion.png", title)
+        for c, g in (s.get("by_corpus") or {}).items():  # only the labels the corpus carries, as rows
+            keep = [i for i, lab in enumerate(results["labels"]) if lab in g["labels_present"]]
+            cm = np.asarray(g["confusion"])[keep]
+            plot_confusion(cm, results["labels"], run_dir / f"confusion-{c}.png",
+                           f"held-out {c} speakers: UAR {100 * g['uar_mean']:.1f} ± {100 * g['uar_std']:.1f} % "
+                           f"over {g['n_folds']} folds (pooled {100 * g['pooled_uar']:.1f} %)",
+                           rows=[results["labels"][i] for i in keep])
     out = run_dir / "report.md"
     out.write_text(render_markdown(results))
     return out

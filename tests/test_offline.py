@@ -52,6 +52,27 @@ def test_summary_averages_runs_within_a_fold_then_folds():
     assert s["confusion"] == [[2, 1], [1, 2]] and s["pooled_wa"] == pytest.approx(4 / 6)
 
 
+def test_a_multi_corpus_run_is_summarised_per_corpus_of_its_test_speakers(tmp_path):
+    """The one-model-per-fold figures split by the held-out speakers' corpus; a single-corpus run has no split."""
+    from offline.report import _by_corpus_lines, plot_confusion
+    labels = ["x", "y", "z"]  # z: only the second corpus carries it
+    runs = [{"fold": "de:03", "uar": 0.5, "confusion": [[1, 1, 0], [0, 1, 0], [0, 0, 0]]},
+            {"fold": "de:08", "uar": 1.0, "confusion": [[2, 0, 0], [0, 2, 0], [0, 0, 0]]},
+            {"fold": "en:actors01-04", "uar": 0.25, "confusion": [[1, 0, 1], [2, 0, 0], [0, 3, 1]]}]
+    by = summarize(runs, labels)["by_corpus"]
+    assert list(by) == ["de", "en"]
+    assert by["de"]["uar_mean"] == pytest.approx(0.75) and by["de"]["n_folds"] == 2
+    assert by["de"]["confusion"] == [[3, 1, 0], [0, 3, 0], [0, 0, 0]]
+    assert by["de"]["recall"] == {"x": 0.75, "y": 1.0, "z": None} and by["de"]["labels_present"] == ["x", "y"]
+    assert by["en"]["uar_std"] == 0.0 and by["en"]["pooled_uar"] == pytest.approx((0.5 + 0 + 0.25) / 3)
+    assert summarize([dict(r, fold=r["fold"].split(":")[1]) for r in runs], labels)["by_corpus"] is None
+    md = "\n".join(_by_corpus_lines(by, labels))
+    assert "| de | 2 | **75.00 ± 35.36** |" in md and "| de | 75.00 | 100.00 | – |" in md
+    assert "confusion-en.png" in md and _by_corpus_lines(None, labels) == []
+    plot_confusion(np.asarray(by["de"]["confusion"])[:2], labels, tmp_path / "de.png", "t", rows=["x", "y"])
+    assert (tmp_path / "de.png").stat().st_size > 1000
+
+
 def test_ensemble_averages_the_runs_probabilities_per_utterance():
     """Two runs that each get one of two utterances wrong, confidently on the other: their mean is right on both."""
     def run(probs, pred):

@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rewrite report.md and confusion.png from results.json")
     r.add_argument("runs", nargs="+", help="run folders")
     r.add_argument("--compare", action="store_true", help="print one comparison table over the runs")
+    r.add_argument("--summarize", action="store_true",
+                   help="first recompute results.json's summary from its fold-run records with this version's "
+                        "metrics (e.g. the per-corpus figures of a multi-corpus run made before they existed); "
+                        "the records themselves are not touched")
     return ap
 
 
@@ -292,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (Path(d) / "results.json").is_file():
                 print(f"error: {d}/results.json not found (run `ser-offline loso ... --out {d}` first)", file=sys.stderr)
                 return 2
+            if args.summarize:
+                from .report import resummarize
+                resummarize(d)
             print(f"wrote {write_report(d)}")
         if args.compare:
             print(compare(args.runs))

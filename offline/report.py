@@ -212,6 +212,19 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resummarize(run_dir: str | Path) -> dict:
+    """Recompute ``results.json``'s summary from its fold-run records with this version's
+    :func:`offline.metrics.summarize` and write it back; the records, command and timings are kept as they are.
+    Returns the new summary."""
+    from .metrics import summarize
+    from .train import save_json
+    path = Path(run_dir) / "results.json"
+    results = json.loads(path.read_text())
+    results["summary"] = summarize(results["fold_runs"], results["labels"]) if results.get("fold_runs") else {}
+    save_json(path, results)
+    return results["summary"]
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text())

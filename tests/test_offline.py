@@ -71,6 +71,13 @@ def test_a_multi_corpus_run_is_summarised_per_corpus_of_its_test_speakers(tmp_pa
     assert "confusion-en.png" in md and _by_corpus_lines(None, labels) == []
     plot_confusion(np.asarray(by["de"]["confusion"])[:2], labels, tmp_path / "de.png", "t", rows=["x", "y"])
     assert (tmp_path / "de.png").stat().st_size > 1000
+    # a results.json written before the per-corpus figures existed gets them from its records
+    from offline.report import resummarize
+    (tmp_path / "results.json").write_text(json.dumps({"labels": labels, "fold_runs": runs, "summary": {"old": 1},
+                                                       "command": "c"}))
+    assert resummarize(tmp_path)["by_corpus"] == by
+    back = json.loads((tmp_path / "results.json").read_text())
+    assert back["summary"]["by_corpus"] == by and back["fold_runs"] == runs and back["command"] == "c"
 
 
 def test_ensemble_averages_the_runs_probabilities_per_utterance():
@@ -203,6 +210,10 @@ def test_loso_end_to_end_writes_results_report_and_plot(emodb_dir, tmp_path, cap
     # report rewrite and comparison
     assert offline_cli.main(["report", str(out), str(out), "--compare"]) == 0
     assert "UAR mean ± std" in capsys.readouterr().out
+    # --summarize recomputes the summary from the records: the same figures for a run of this version
+    assert offline_cli.main(["report", str(out), "--summarize"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["summary"] == json.loads(json.dumps(s)) and again["fold_runs"] == res["fold_runs"]
     # a larger --runs extends the finished run: the run-0 records are reused, run 1 is added, and the
     # runs of each fold are also scored as one ensemble
     assert offline_cli.main([*args, "--runs", "2"]) == 0

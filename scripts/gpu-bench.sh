@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 12's GPU figures in one device call (about 4 min on an H100), from a checkout carrying .gpu
-# (`bash scripts/gpu-pack.sh emodb`; see scripts/gpu-multicorpus.sh for keeping the tree small):
+# (`bash scripts/gpu-pack.sh emodb`, carried as .gpu):
 #   1. the CUDA tests (CPU equals CUDA, fp16 on the GPU against fp32 on the CPU);
 #   2. what fp16 and bf16 change on the bundled model, on the GPU's kernels (EMO-DB, its training data);
 #   3. bench.run at 227 px in fp16 (the fp32 figures are the committed nvidia-*.json).

@@ -45,24 +45,34 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def _fold_uar_and_pooled(fold_runs: list[dict], n_classes: int) -> tuple[dict[str, float], np.ndarray]:
+    """Each fold's UAR (the mean over its runs), by fold name in order, and the confusion [K, K] summed over
+    every fold-run."""
+    by_fold: dict[str, list[float]] = {}
+    pooled = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for r in fold_runs:
+        by_fold.setdefault(r["fold"], []).append(r["uar"])
+        pooled += np.asarray(r["confusion"], dtype=np.int64)
+    return {f: float(np.mean(v)) for f, v in sorted(by_fold.items())}, pooled
+
+
+def _recall_by_label(cm: np.ndarray, labels: Sequence[str]) -> dict[str, float | None]:
+    """Recall per class by label; None for a class with no true samples."""
+    return {lab: (None if math.isnan(x) else float(x)) for lab, x in zip(labels, recall_per_class(cm))}
+
+
 def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
     """The paper's protocol: each fold's UAR is the mean over its runs; report mean +- std over folds.
 
     Also pooled figures over every test prediction of every run (confusion summed).
     """
     K = len(labels)
-    by_fold: dict[str, list[float]] = {}
-    pooled = np.zeros((K, K), dtype=np.int64)
-    for r in fold_runs:
-        by_fold.setdefault(r["fold"], []).append(r["uar"])
-        pooled += np.asarray(r["confusion"], dtype=np.int64)
-    fold_uar = {f: float(np.mean(v)) for f, v in sorted(by_fold.items())}
+    fold_uar, pooled = _fold_uar_and_pooled(fold_runs, K)
     compact = [r["compact_uar"] for r in fold_runs if r.get("compact_uar") is not None]
     int8 = [(r["int8_uar"], r["uar"]) for r in fold_runs if r.get("int8_uar") is not None]
     conv8 = [(r["int8_conv_uar"], r["uar"]) for r in fold_runs if r.get("int8_conv_uar") is not None]
     every = lambda xs: len(xs) == len(fold_runs) and bool(xs)  # noqa: E731  (a mean only over every fold-run)
     m, s = mean_std(fold_uar.values())
-    rec = recall_per_class(pooled)
     ens = ensemble_fold_uar(fold_runs, K)
     em, es = mean_std(ens.values()) if ens else (None, None)
     return {
@@ -70,7 +80,7 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         "ensemble_fold_uar": ens or None, "ensemble_uar_mean": em, "ensemble_uar_std": es,
         "uar_mean": m, "uar_std": s, "fold_uar": fold_uar,
         "pooled_uar": uar(pooled), "pooled_wa": wa(pooled),
-        "recall": {lab: (None if math.isnan(x) else float(x)) for lab, x in zip(labels, rec)},
+        "recall": _recall_by_label(pooled, labels),
         "confusion": pooled.tolist(), "n_folds": len(fold_uar), "n_fold_runs": len(fold_runs),
         # the int8 compact copy of each fold's model, on the same test speaker (mean over fold-runs)
         "compact_uar_mean": float(np.mean(compact)) if len(compact) == len(fold_runs) and compact else None,
@@ -106,21 +116,14 @@ def summarize_by_corpus(fold_runs: list[dict], labels: Sequence[str]) -> dict | 
         groups.setdefault(c, []).append(r)
     if not groups:
         return None
-    K = len(labels)
     out = {}
     for c, runs in sorted(groups.items()):
-        by_fold: dict[str, list[float]] = {}
-        pooled = np.zeros((K, K), dtype=np.int64)
-        for r in runs:
-            by_fold.setdefault(r["fold"], []).append(r["uar"])
-            pooled += np.asarray(r["confusion"], dtype=np.int64)
-        m, s = mean_std(float(np.mean(v)) for v in by_fold.values())
-        rec = recall_per_class(pooled)
+        fold_uar, pooled = _fold_uar_and_pooled(runs, len(labels))
+        m, s = mean_std(fold_uar.values())
         present = [lab for lab, n in zip(labels, pooled.sum(axis=1)) if n > 0]
-        out[c] = {"uar_mean": m, "uar_std": s, "n_folds": len(by_fold), "n_fold_runs": len(runs),
+        out[c] = {"uar_mean": m, "uar_std": s, "n_folds": len(fold_uar), "n_fold_runs": len(runs),
                   "pooled_uar": uar(pooled), "pooled_wa": wa(pooled), "labels_present": present,
-                  "recall": {lab: (None if math.isnan(x) else float(x)) for lab, x in zip(labels, rec)},
-                  "confusion": pooled.tolist()}
+                  "recall": _recall_by_label(pooled, labels), "confusion": pooled.tolist()}
     return out
 
 

@@ -1,6 +1,7 @@
 """Where one engine hop goes at N streams: cProfile over hops fed as fast as possible (not on the real-time clock).
 
     python -m bench.profile_engine --device cuda --streams 256 --image-size 227 [--normalization speaker]
+    python -m bench.profile_engine --streams 256 --checkpoint bundled   # the model `stream-ser live` runs
 
 Prints the milliseconds per hop and the functions by own time and by cumulative time. Used to find what
 bounds the engine's stream count (docs/benchmarks.md); a profile, not a benchmark figure.
@@ -32,12 +33,24 @@ def main(argv=None) -> int:
     ap.add_argument("--normalization", default="segment", choices=("segment", "speaker"))
     ap.add_argument("--arch", default="dcnn_blstmwa", choices=("dcnn_blstmwa", "cnn_lstm"),
                     help="cnn_lstm: the paper's small baseline CNN, so the per-stream host work shows over the CNN's")
+    ap.add_argument("--checkpoint", default=None, metavar="PATH|bundled",
+                    help="profile this trained model as `stream-ser live` loads it (`bundled`: the one that ships "
+                         "with stream_ser) instead of an untrained one built from the options above")
     ap.add_argument("--hops", type=int, default=10, help="profiled hops (after 3 unprofiled ones)")
     ap.add_argument("--top", type=int, default=20, help="functions listed per ordering")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    model = EmotionModel(FrontendConfig(image_size=args.image_size, normalization=args.normalization),
-                         ModelConfig(arch=args.arch)).to(dev).eval()
+    if args.checkpoint:
+        from stream_ser.assets import default_checkpoint
+        from stream_ser.model import load_checkpoint
+        path = default_checkpoint() if args.checkpoint == "bundled" else args.checkpoint
+        if path is None:
+            ap.error("--checkpoint bundled: this install has no bundled model")
+        model = load_checkpoint(path, dev)
+        args.image_size, args.normalization = model.frontend_config.image_size, model.frontend_config.normalization
+    else:
+        model = EmotionModel(FrontendConfig(image_size=args.image_size, normalization=args.normalization),
+                             ModelConfig(arch=args.arch)).to(dev).eval()
     audio = [load_audio(f).numpy() for f in _files(12, min_s=3.5)]
     cfg = model.frontend_config
     warm = cfg.segment_samples + (cfg.segments_per_utterance - 2) * cfg.shift_samples  # one hop short of a window

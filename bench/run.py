@@ -215,14 +215,22 @@ def capacity(model, audio: list[np.ndarray], ladder: list[int], hops: int) -> di
 FILES_PER_BATCH = 16  # files per segments_many call in the corpus front-end figure
 
 
-def frontend_throughput(files: list[Path], device: torch.device) -> dict:
+def librosa_features(w: np.ndarray) -> None:
+    """The reference: the same log-Mel (512-point FFT, 25 ms Hamming frames every 10 ms, 64 bands, 20-8000 Hz),
+    deltas and delta-deltas with librosa, for one file (pre-emphasis over the whole signal, as librosa does)."""
     import librosa
+    m = np.log(np.maximum(librosa.feature.melspectrogram(
+        y=librosa.effects.preemphasis(w), sr=16000, n_fft=512, hop_length=160, win_length=400, window="hamming",
+        center=False, n_mels=64, fmin=20, fmax=8000), 1e-10))
+    librosa.feature.delta(librosa.feature.delta(m, width=5), width=5)
 
+
+def frontend_throughput(files: list[Path], device: torch.device) -> dict:
     from stream_ser.features import Frontend
 
     waves = [load_audio(f).numpy() for f in files]
     secs = sum(len(w) for w in waves) / 16000
-    librosa.feature.delta(librosa.feature.melspectrogram(y=waves[0], sr=16000), width=5)  # numba JIT warm-up
+    librosa_features(waves[0])  # numba's JIT warm-up
     fe = Frontend().to(device)
     fe.segments(torch.from_numpy(waves[0]).to(device))
     t0 = time.perf_counter()
@@ -245,12 +253,7 @@ def frontend_throughput(files: list[Path], device: torch.device) -> dict:
     batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     for w in waves:
-        y = librosa.effects.preemphasis(w)
-        m = np.log(np.maximum(librosa.feature.melspectrogram(
-            y=y, sr=16000, n_fft=512, hop_length=160, win_length=400, window="hamming", center=False,
-            n_mels=64, fmin=20, fmax=8000), 1e-10))
-        d = librosa.feature.delta(m, width=5)
-        librosa.feature.delta(d, width=5)
+        librosa_features(w)
     ref = time.perf_counter() - t0
     return {"audio_s": secs, "files": len(files), "file_by_file_threads": 1, "stream_ser_audio_s_per_s": secs / ours,
             "librosa_audio_s_per_s": secs / ref, "ratio": ref / ours,
@@ -285,7 +288,8 @@ def write_markdown(results_dir: Path, out: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     L = ["# Benchmarks", "", "Written by `python -m bench.run` (see `bench/run.py`); medians over repeated runs, "
          "latencies as p50 / p95 / p99 in ms. Real EMO-DB audio. One section per machine and model size.", ""]
-    for r in rows:
+    cpu_rows = [i for i, r in enumerate(rows) if not r["machine"]["device"].startswith("cuda")]
+    for i, r in enumerate(rows):
         m = r["machine"]
         L += [f"## {r['name']}", "", f"{m['cpu']} · {m['threads']} torch threads · device `{m['device']}`"
               + f" · **{m.get('precision', 'fp32')}**"
@@ -293,7 +297,11 @@ def write_markdown(results_dir: Path, out: Path) -> None:
               + (" · **smoke run (tiny, not a measurement)**" if r.get("smoke") else ""), ""]
         for size, b in r["models"].items():
             h = b["hop_latency"]
-            L += [f"### CNN input {size} px", ""] + ([f"Inference: {b['inference']}.", ""] if b.get("inference") else []) \
+            ck = b.get("checkpoint")
+            title = (f"### The trained model `{ck['file']}` ({ck['image_size']} px, {ck['normalization']} "
+                     f"normalisation), loaded as `stream-ser live` loads it · {r.get('checkpoint_dates', {}).get(size, '')}"
+                     if ck else f"### CNN input {size} px")
+            L += [title, ""] + ([f"Inference: {b['inference']}.", ""] if b.get("inference") else []) \
                 + ["| per-hop latency, one stream (ms) | p50 | p95 | p99 |", "|---|---|---|---|"]
             for k in ("frontend", "embed", "head", "total"):
                 L.append(f"| {k} | {h[k]['p50']:.2f} | {h[k]['p95']:.2f} | {h[k]['p99']:.2f} |")
@@ -333,11 +341,11 @@ def write_markdown(results_dir: Path, out: Path) -> None:
                   for t in r["training"]]
             L.append("")
         L += _targets(r)
-        if not r["machine"]["device"].startswith("cuda"):
-            L += CPU_NOTES
         for note in r.get("notes", []):
             L.append(f"- {note}")
         L.append("")
+        if cpu_rows and i == cpu_rows[-1]:  # once, after the last CPU section: they are about all of them
+            L += ["## Notes on the CPU figures", ""] + CPU_NOTES
     loaded = [json.loads(p.read_text()) for p in sorted((results_dir / "load").glob("*.json"))]
     if loaded:  # bench.under_load's figures
         from bench.under_load import markdown
@@ -346,7 +354,8 @@ def write_markdown(results_dir: Path, out: Path) -> None:
 
 
 CPU_NOTES = [
-    "What bounds the misses on this CPU (timed per layer with the model in eval mode, 2 threads):",
+    "What bounded the misses of the fp32 section (2026-11-24; timed per layer with the model in eval mode, "
+    "2 threads; the int8 path's own bounds are the last note):",
     "",
     "| | conv layers | FC6 + FC7 | LSTM input projection |",
     "|---|---|---|---|",
@@ -436,6 +445,60 @@ CPU_NOTES = [
     "so a single changed answer moves its UAR by about 2 points, and a 3 % change in the conv features (7-bit "
     "activations) changes one or two answers on 4 of 10 folds. The live default keeps the int8 convolutions; "
     "`--precision fp32` turns them off.",
+    "- 2026-11-27, the int8 head projection and the bundled model (the int8 section above, idle machine; "
+    "`python -m bench.run --precision int8 --ladder 1 32 64 96 128 160 192 224 256 320 384 448`, then "
+    "`python -m bench.run --checkpoint bundled --ladder 1 64 128 192 256 320 384 448 512 640 768`, about 9 min). "
+    "(1) The head's LSTM input projection (both directions' W_ih, 4096 x 1024, computed once per segment) is a "
+    "dynamically quantised int8 layer on the CPU fast path (`quantize_head_projection`); its recurrence stays float32. "
+    "In float32 its 16.8 MB of weights, read right after FC7's, made one 64 px segment's embedding and projection "
+    "1.6 ms against 1.0 ms for the two timed apart (apparently the two weight sets evicting each other from the "
+    "cache); in int8 the pair takes 1.0 ms, and 256 "
+    "segments' projections 2.4 ms instead of 20.6 on one thread. Against the late evening's run: 227 px p50 "
+    "6.6 -> 5.4 ms, p95 7.4 -> 6.0, p99 8.4 -> 6.2; 112 px p50 4.6 -> 3.6, p99 5.2 -> 4.4, capacity from at least "
+    "320 to 384 streams (448 missed); 227 px capacity unchanged at 160 (192 missed), bound by the convolutions. "
+    "What it changes: on the bundled model 5 of 1975 answers against the fast path without it (11 against fp32, "
+    "12 before; `bench/results/precision/bundled-int8-headproj-cpu.json`); on held-out speakers nothing: the "
+    "EMO-DB LOSO run `docs/results/emodb-cpu-int8head` gives every fold the same UAR with it as "
+    "`emodb-cpu-int8conv` gave without it (the same models: fp32 equal on every fold). (2) The bundled model "
+    "(the section `default.pt` above): the model `stream-ser live` runs by default, loaded as it loads it "
+    "(64 px, speaker normalisation with live adaptation, silero-vad, int8), where the other parts are untrained "
+    "models at the issue's image sizes with per-segment normalisation. One stream p50 3.0 ms, p99 3.9 ms a hop "
+    "(4.5 and 6.6 without the int8 projection, the same day); over the websocket p50 6.4 ms. Capacity 256 "
+    "streams (320 missed: p99 341 ms; 389 without the int8 projection), below the untrained 112 px model's 384 "
+    "because speaker normalisation and speech detection cost more per stream than the smaller CNN saves: 256 "
+    "streams fed as fast as possible (`python -m bench.profile_engine --checkpoint bundled --streams 256`, before "
+    "the int8 projection) took 189 ms a hop under the profiler, of which silero-vad's batched calls were 50 ms.",
+    "- 2026-11-27, what bounds the two missed CPU targets, measured (`python -m bench.bounds`, idle machine, "
+    "17 s, after the int8 projection; `bench/results/bounds/`). Each part of the int8 CNN and the head's input "
+    "projection timed at batch 1 (a cached hop embeds one segment) and batch 8 (re-embedding the window), on "
+    "the threads a live hop gives them (`stream_ser.openmp`):",
+    "",
+    "| int8 CPU path, ms (threads) | conv stack | FC6 + FC7 | head input projection | bound on the cache ratio |",
+    "|---|---|---|---|---|",
+    "| 227 px, 1 segment (1) | 1.59 | 1.24 | 0.07 | |",
+    "| 227 px, 8 segments (2) | 6.91 | 1.18 | 0.14 | 2.8x |",
+    "| 112 px, 1 segment (1) | 0.45 | 0.34 | 0.07 | |",
+    "| 112 px, 8 segments (2) | 2.34 | 0.42 | 0.12 | 3.4x |",
+    "| 64 px, 1 segment (1) | 0.25 | 0.25 | 0.07 | |",
+    "| 64 px, 8 segments (1) | 1.08 | 0.42 | 0.10 | 2.8x |",
+    "",
+    "  FC6/FC7 and the projection cost about as much for 8 segments as for one (their weights are read once a "
+    "call), and 8 segments' convolutions run on both cores where one runs on one (int8 kernels split one image "
+    "badly). So no cache can make a hop more than (8-segment cost) / (1-segment cost) cheaper: about 3x at every "
+    "size; the measured 2.2x, 1.8x and 1.5x (the bundled model) sit under it because both paths also pay the "
+    "head's recurrence. Even with FC6/FC7 and the head free, the convolutions alone give 4.3x (227 px), 5.2x "
+    "and 4.4x: the 6x target is out of reach on this CPU. The cache still saves a third to a half of a hop's "
+    "compute.",
+    "",
+    "  The front-end, stage by stage over all 535 EMO-DB files (1487 s of audio), one thread, best of 5 passes: "
+    "the FFTs alone 33 400 audio-s/s; with the power spectrum, filterbank and log (the log-Mel, from padded "
+    "frames) 11 000; the log-Mel from samples (framing, pre-emphasis, window) 9 100; the whole front-end "
+    "(deltas, segments, normalisation) 4 960; librosa 1 760. The FFTs, which any front-end computing this "
+    "transform (512-point FFTs of 25 ms frames every 10 ms) must do, are 18.9x librosa by themselves, so the "
+    "20x target cannot be met on one core whatever else is removed. Tried and not kept: the filterbank product "
+    "restricted to the non-zero bins of each quarter of the Mel bands (four small products instead of one): a "
+    "third cheaper for a whole file's 300 frames but twice the cost for a live hop's 32, and one code path for "
+    "both keeps streaming equal to offline; the power spectrum as |z|^2 or z * conj(z): no faster once contiguous.",
     "",
 ]
 
@@ -450,24 +513,89 @@ def _device_targets(r: dict) -> dict:
 def _targets(r: dict) -> list[str]:
     """The issue's targets against this machine's figures, per CNN input size."""
     t = _device_targets(r)
-    L = ["| target (issue 12) | " + " | ".join(f"{s} px" for s in r["models"]) + " |",
-         "|---|" + "---|" * len(r["models"])]
+    models = {size: b for size, b in r["models"].items() if "checkpoint" not in b}  # the targets are per size
+    if not models:
+        return []
+    L = ["| target (issue 12) | " + " | ".join(f"{s} px" for s in models) + " |",
+         "|---|" + "---|" * len(models)]
 
     def cell(ok: bool, text: str) -> str:
         return f"{'met' if ok else '**missed**'}: {text}"
 
     L.append(f"| one stream, p99 per-hop < {t['p99_ms']:.0f} ms | " + " | ".join(
         cell(b["hop_latency"]["total"]["p99"] < t["p99_ms"], f"{b['hop_latency']['total']['p99']:.1f} ms")
-        for b in r["models"].values()) + " |")
+        for b in models.values()) + " |")
     if t["cache_ratio"]:
         L.append(f"| cache >= {t['cache_ratio']:.0f}x cheaper per hop | " + " | ".join(
-            cell(b["cache"]["ratio"] >= t["cache_ratio"], f"{b['cache']['ratio']:.1f}x") for b in r["models"].values())
+            cell(b["cache"]["ratio"] >= t["cache_ratio"], f"{b['cache']['ratio']:.1f}x") for b in models.values())
             + " |")
     L.append("| real-time streams (" + ", ".join(f">= {n} at {size} px" for size, n in t["streams"].items()
-                                              if size in r["models"]) + ") | " + " | ".join(
+                                              if size in models) + ") | " + " | ".join(
         cell(b["capacity"]["max_realtime_streams"] >= t["streams"].get(size, 0),
-             str(b["capacity"]["max_realtime_streams"])) for size, b in r["models"].items()) + " |")
+             str(b["capacity"]["max_realtime_streams"])) for size, b in models.items()) + " |")
     return L + [""]
+
+
+def measure_model(model, audio: list[np.ndarray], long_file: Path, long_audio: np.ndarray, ladder: list[int],
+                  repeats: int, smoke: bool) -> dict:
+    """Figures 1-4 for one model: per-hop latency, websocket end to end, the cache's worth, capacity."""
+    with torch.no_grad():
+        model.embed(torch.zeros(2, 3, 64, 64, device=model.device))  # warm-up
+    b = {"inference": model.meta.get("inference")}
+    b["hop_latency"] = _median_of([hop_latency(model, audio) for _ in range(repeats)])
+    print(f"  hop latency total {b['hop_latency']['total']}", flush=True)
+    if not smoke:
+        b["websocket_e2e"] = _median_of([websocket_e2e(model, long_file) for _ in range(repeats)])
+        print(f"  websocket e2e {b['websocket_e2e']}", flush=True)
+    b["cache"] = _median_of([cache_ratio(model, long_audio, 5 if smoke else 40) for _ in range(repeats)])
+    print(f"  cache ratio {b['cache']['ratio']:.2f}", flush=True)
+    b["capacity"] = capacity(model, audio, ladder, 3 if smoke else 12)
+    return b
+
+
+def _checkpoint_path(ap: argparse.ArgumentParser, spec: str | None) -> Path | None:
+    if spec is None:
+        return None
+    if spec == "bundled":
+        from stream_ser.assets import default_checkpoint
+        path = default_checkpoint()
+        if path is None:
+            ap.error("--checkpoint bundled: this install has no bundled model (stream_ser/assets/default.pt)")
+        return path
+    path = Path(spec)
+    if not path.is_file():
+        ap.error(f"--checkpoint {spec}: no such file")
+    return path
+
+
+def measure_checkpoint(path: Path, device: torch.device, precision: str, name: str, result: dict,
+                       audio: list[np.ndarray], long_file: Path, long_audio: np.ndarray, ladder: list[int],
+                       repeats: int, smoke: bool, out: Path, docs: Path) -> int:
+    """A trained model's figures, loaded as `stream-ser live` loads it (its own image size, normalisation,
+    int8 calibration and temperature), added to this machine's results under ``"<size> px, <file>"``."""
+    from stream_ser.model import load_checkpoint
+
+    model = load_checkpoint(path, device, precision)
+    key = f"{model.frontend_config.image_size}, trained: {path.name}"
+    print(f"{key} ({model.meta.get('inference') or precision})", flush=True)
+    b = measure_model(model, audio, long_file, long_audio, ladder, repeats, smoke)
+    b["checkpoint"] = {"file": path.name, "image_size": model.frontend_config.image_size,
+                       "normalization": model.frontend_config.normalization, "arch": model.model_config.arch,
+                       "labels": len(model.labels)}
+    path_out = out / f"{name}{'-smoke' if smoke else ''}.json"
+    if path_out.is_file():  # keep this machine's other figures
+        kept = json.loads(path_out.read_text())
+        kept.setdefault("models", {})[key] = b
+        result = kept
+    else:
+        result["models"][key] = b
+    result.setdefault("checkpoint_dates", {})[key] = time.strftime("%Y-%m-%d %H:%M")
+    out.mkdir(parents=True, exist_ok=True)
+    path_out.write_text(json.dumps(result, indent=1))
+    if not smoke:
+        write_markdown(out, docs)
+    print(f"wrote {path_out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -480,9 +608,15 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI: checks the code, measures nothing useful")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--precision", choices=("fp32", "int8", "bf16", "fp16"), default="fp32",
-                    help="int8: FC6/FC7 dynamically quantised, as `stream-ser live` runs on a CPU (CPU only); "
-                         "bf16 / fp16: the CNN in half precision (for a GPU)")
+    ap.add_argument("--precision", choices=("fp32", "int8", "bf16", "fp16"), default=None,
+                    help="int8: FC6/FC7 dynamically quantised and the convolutions statically, as `stream-ser "
+                         "live` runs on a CPU (CPU only); bf16 / fp16: the CNN in half precision (for a GPU). "
+                         "Default: fp32, or with --checkpoint what `stream-ser live` picks (int8 on a CPU)")
+    ap.add_argument("--checkpoint", default=None, metavar="PATH|bundled",
+                    help="measure this trained model, loaded as `stream-ser live` loads it, instead of untrained "
+                         "ones at --image-sizes (`bundled`: the model that ships with stream_ser, which "
+                         "`stream-ser live` runs by default); its section joins this machine's existing results "
+                         "(the other figures are kept), and the front-end and training figures are not re-run")
     ap.add_argument("--ladder", type=int, nargs="+", default=None, help="stream counts to try for capacity")
     ap.add_argument("--frontend-only", action="store_true",
                     help="measure only the front-end against librosa and update that figure in this machine's "
@@ -506,8 +640,10 @@ def main(argv=None) -> int:
         machine["gpu"] = torch.cuda.get_device_name(device)
     if args.precision == "int8" and device.type != "cpu":
         ap.error("--precision int8 is a CPU path")
-    machine["precision"] = args.precision
-    name = machine_name(device) + ("" if args.precision == "fp32" else f"-{args.precision}")
+    checkpoint = _checkpoint_path(ap, args.checkpoint)
+    precision = args.precision or ("fp32" if checkpoint is None or device.type != "cpu" else "int8")
+    machine["precision"] = precision
+    name = machine_name(device) + ("" if precision == "fp32" else f"-{precision}")
     result = {"name": name, "date": time.strftime("%Y-%m-%d %H:%M"), "smoke": smoke,
               "machine": machine, "models": {}, "notes": []}
     if args.frontend_only:
@@ -523,30 +659,22 @@ def main(argv=None) -> int:
             write_markdown(Path(args.out), Path(args.docs))
         print(f"wrote {path}")
         return 0
+    if checkpoint is not None:
+        return measure_checkpoint(checkpoint, device, precision, name, result, audio, long_file, long_audio,
+                                  ladder, repeats, smoke, Path(args.out), Path(args.docs))
     for size in args.image_sizes:
         print(f"CNN input {size} px", flush=True)
         model = EmotionModel(FrontendConfig(image_size=size)).to(device).eval()
-        if args.precision == "int8":
+        if precision == "int8":
             # int8 convolutions as a trained checkpoint gets them: activation ranges from real speech (here
             # this untrained model's, from the benchmark's files; the speed does not depend on the values)
             with torch.no_grad():
                 imgs = model.images(torch.cat([model.frontend.segments(torch.from_numpy(a))[0] for a in audio[:4]]))
             model.meta[CONV_INT8_KEY] = calibrate_conv_int8(model, imgs)
             quantize_for_cpu(model)
-        elif args.precision != "fp32":
-            half_precision_cnn(model, args.precision)
-        with torch.no_grad():
-            model.embed(torch.zeros(2, 3, 64, 64, device=device))  # warm-up
-        b = {"inference": model.meta.get("inference")}
-        b["hop_latency"] = _median_of([hop_latency(model, audio) for _ in range(repeats)])
-        print(f"  hop latency total {b['hop_latency']['total']}", flush=True)
-        if not smoke:
-            b["websocket_e2e"] = _median_of([websocket_e2e(model, long_file) for _ in range(repeats)])
-            print(f"  websocket e2e {b['websocket_e2e']}", flush=True)
-        b["cache"] = _median_of([cache_ratio(model, long_audio, 5 if smoke else 40) for _ in range(repeats)])
-        print(f"  cache ratio {b['cache']['ratio']:.2f}", flush=True)
-        b["capacity"] = capacity(model, audio, ladder, 3 if smoke else 12)
-        result["models"][str(size)] = b
+        elif precision != "fp32":
+            half_precision_cnn(model, precision)
+        result["models"][str(size)] = measure_model(model, audio, long_file, long_audio, ladder, repeats, smoke)
     print("front-end throughput", flush=True)
     result["frontend"] = frontend_throughput(files if smoke else _files(), device)
     print(f"  {result['frontend']}", flush=True)

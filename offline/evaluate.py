@@ -195,22 +195,28 @@ def fold_run_record(corpus: Corpus, cfg: TrainConfig, bank: FeatureBank, job: Fo
     res = evaluate_model(model, bank, test_u, device, cfg.amp)
     small = compact_copy(model)
     compact = evaluate_model(small, bank, test_u, device, cfg.amp)
-    # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 inference (a checkpoint
-    # without activation ranges), and with int8 convolutions as well (one with them, as `train` writes it)
+    # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 (and LSTM input projection)
+    # inference (a checkpoint without activation ranges), and with int8 convolutions as well (one with them, as
+    # `train` writes it)
     deployed = conv8 = None
+    int8_paths = {}  # what each int8 column ran (``meta["inference"]``): the fast path has grown over time
     if device.type == "cpu" and cfg.arch == "dcnn_blstmwa":
-        deployed = evaluate_model(quantize_for_cpu(copy.deepcopy(small)), bank, test_u, device, False)
+        fast = quantize_for_cpu(copy.deepcopy(small))
+        int8_paths["int8_inference"] = fast.meta.get("inference")
+        deployed = evaluate_model(fast, bank, test_u, device, False)
         if cfg.normalization != "utterance":  # ... and with int8 convolutions too, their activation ranges
             # measured on the fold's training speakers (as `ser-offline train` does), never on its test speakers
             from .int8_ranges import conv_int8_meta
             small.meta = dict(small.meta) | {CONV_INT8_KEY: conv_int8_meta(small, train_u, corpus.name, job.seed,
                                                                             log=lambda m: None)}
-            conv8 = evaluate_model(quantize_for_cpu(small), bank, test_u, device, False)
+            fast = quantize_for_cpu(small)
+            int8_paths["int8_conv_inference"] = fast.meta.get("inference")
+            conv8 = evaluate_model(fast, bank, test_u, device, False)
     rec = {"fold": fold.name, "run": job.run, "seed": job.seed, "test": list(fold.test), "val": list(fold.val),
            "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
            "compact_uar": compact["uar"], "compact_wa": compact["wa"],
            "int8_uar": deployed["uar"] if deployed else None,
-           "int8_conv_uar": conv8["uar"] if conv8 else None,
+           "int8_conv_uar": conv8["uar"] if conv8 else None, **int8_paths,
            "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"], "probs": res["probs"]},
            "train_info": info, "seconds": time.time() - t0, "config_fingerprint": fingerprint}
     log(f"fold {fold.name} run {job.run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} "

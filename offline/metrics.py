@@ -61,6 +61,12 @@ def _recall_by_label(cm: np.ndarray, labels: Sequence[str]) -> dict[str, float |
     return {lab: (None if math.isnan(x) else float(x)) for lab, x in zip(labels, recall_per_class(cm))}
 
 
+def _one_value(fold_runs: list[dict], key: str):
+    """The value every fold-run gives for ``key``; None where some give none or they differ."""
+    values = {r.get(key) for r in fold_runs}
+    return values.pop() if len(values) == 1 else None
+
+
 def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
     """The paper's protocol: each fold's UAR is the mean over its runs; report mean +- std over folds.
 
@@ -91,6 +97,9 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         "int8_conv_uar_mean": float(np.mean([a for a, _ in conv8])) if every(conv8) else None,
         "int8_conv_max_abs_diff": float(max(abs(a - b) for a, b in conv8)) if every(conv8) else None,
         "int8_conv_fold_runs": len(conv8),
+        # what those two columns ran, where the fold-runs say (since 2026-11-27) and all say the same
+        "int8_inference": _one_value(fold_runs, "int8_inference"),
+        "int8_conv_inference": _one_value(fold_runs, "int8_conv_inference"),
         "uar_run_mean": float(np.mean([r["uar"] for r in fold_runs])) if fold_runs else float("nan"),
         "by_corpus": summarize_by_corpus(fold_runs, labels),
     }

@@ -169,12 +169,14 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| UAR of the int8 compact models, mean over fold-runs (%) | {100 * s['compact_uar_mean']:.2f} "
                      f"(full precision: {100 * s['uar_run_mean']:.2f}) | – |")
     if s.get("int8_uar_mean") is not None:
-        lines.append(f"| UAR with int8 CPU inference (compact model, int8 FC6/FC7), mean over fold-runs (%) | "
+        lines.append(f"| UAR with int8 CPU inference (compact model, {s.get('int8_inference') or 'int8 FC6/FC7'}), "
+                     "mean over fold-runs (%) | "
                      f"{100 * s['int8_uar_mean']:.2f} (largest change on one fold: "
                      f"{100 * s['int8_max_abs_diff']:.2f} points) | – |")
     if s.get("int8_conv_uar_mean") is not None:
-        lines.append(f"| UAR with int8 convolutions as well (activation ranges from each fold's training speakers), "
-                     f"mean over fold-runs (%) | {100 * s['int8_conv_uar_mean']:.2f} (largest change on one fold: "
+        lines.append(f"| UAR with int8 convolutions as well (activation ranges from each fold's training speakers"
+                     + (f"; {s['int8_conv_inference']}" if s.get("int8_conv_inference") else "")
+                     + f"), mean over fold-runs (%) | {100 * s['int8_conv_uar_mean']:.2f} (largest change on one fold: "
                      f"{100 * s['int8_conv_max_abs_diff']:.2f} points) | – |")
     elif s.get("int8_conv_fold_runs"):
         lines.append(f"| UAR with int8 convolutions as well | measured on {s['int8_conv_fold_runs']} of "

@@ -3,8 +3,11 @@
 # (`bash scripts/gpu-pack.sh emodb`, carried as .gpu):
 #   1. the CUDA tests (CPU equals CUDA, fp16 on the GPU against fp32 on the CPU);
 #   2. what fp16 and bf16 change on the bundled model, on the GPU's kernels (EMO-DB, its training data);
-#   3. bench.run at 227 px in fp16 (the fp32 figures are the committed nvidia-*.json).
-# Writes under $OUT (the device's, else runs/gpu-bench): bench/<machine>-fp16.json, agree-*.json, *.log.
+#   3. bench.run at 227 px in fp16 (the fp32 figures are the committed nvidia-*.json);
+#   4. the bundled model as `stream-ser live --device cuda` runs it (64 px, speaker normalisation), and where
+#      its engine hop goes at 1024 streams (bench.profile_engine).
+# Writes under $OUT (the device's, else runs/gpu-bench): bench/<machine>[-fp16].json, agree-*.json, *.log.
+# Merge bench/*.json into bench/results/ here (the bundled model's section joins <machine>.json).
 set -u
 cd "$(dirname "$0")/.."
 . scripts/gpu-setup.sh
@@ -17,3 +20,7 @@ for p in fp16 bf16; do
 done
 python3 -m bench.run --device cuda --precision fp16 --image-sizes 227 --repeats 1 --ladder 1 64 128 256 512 \
     --out "$DEST/bench" --docs "$DEST/benchmarks.md" > "$DEST/bench.log" 2>&1; tail -5 "$DEST/bench.log"
+python3 -m bench.run --device cuda --checkpoint bundled --repeats 1 --ladder 1 256 512 1024 2048 \
+    --out "$DEST/bench" --docs "$DEST/benchmarks.md" > "$DEST/bench-bundled.log" 2>&1; tail -8 "$DEST/bench-bundled.log"
+python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 1024 --hops 5 --top 30 \
+    > "$DEST/profile-bundled-1024.log" 2>&1; head -1 "$DEST/profile-bundled-1024.log"

@@ -78,9 +78,9 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
                    help="judge speech by an energy threshold instead of silero-vad (faster; noise then "
                         "counts as speech)")
     p.add_argument("--precision", choices=("auto", "int8", "fp32", "bf16", "fp16"), default="auto",
-                   help="CNN inference precision: auto = int8 on the CPU (FC6/FC7, and the convolutions when the "
-                        "checkpoint holds their activation ranges, as the bundled model does: 1-3 %% change in the "
-                        "embeddings, several times faster), fp32 on a GPU; fp32 forces full precision; bf16 and "
+                   help="inference precision: auto = int8 on the CPU (FC6/FC7 and the head's LSTM input "
+                        "projection, and the convolutions when the checkpoint holds their activation ranges, as the "
+                        "bundled model does: 1-3 %% change in the embeddings, several times faster), fp32 on a GPU; fp32 forces full precision; bf16 and "
                         "fp16 run the CNN in half precision (for a GPU's tensor cores)")
 
 

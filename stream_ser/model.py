@@ -178,15 +178,38 @@ def _lstm_run(proj: torch.Tensor, w_hh: torch.Tensor, reverse: bool) -> torch.Te
     return torch.stack(out, dim=1)
 
 
+def _input_weights(lstm: nn.LSTM) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each direction's input weights and both biases: [(W_ih [4H, D], b_ih + b_hh [4H])], forward first."""
+    sfx = ["", "_reverse"][: 2 if lstm.bidirectional else 1]
+    return [(getattr(lstm, f"weight_ih_l0{s}"), getattr(lstm, f"bias_ih_l0{s}") + getattr(lstm, f"bias_hh_l0{s}"))
+            for s in sfx]
+
+
 def _input_projection(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
     """x [..., D] -> [..., dirs, 4H]: the part of each LSTM step that depends on its input alone."""
-    sfx = ["", "_reverse"][: 2 if lstm.bidirectional else 1]
-    return torch.stack([
-        F.linear(x, getattr(lstm, f"weight_ih_l0{s}"), getattr(lstm, f"bias_ih_l0{s}") + getattr(lstm, f"bias_hh_l0{s}"))
-        for s in sfx], dim=-2)
+    return torch.stack([F.linear(x, w, b) for w, b in _input_weights(lstm)], dim=-2)
 
 
-class AttentionHead(nn.Module):
+class _ProjectedHead(nn.Module):
+    """A head over an LSTM whose input projections are computed once per segment (``project``, cached by
+    the live path) and may run in int8 on the CPU (:func:`quantize_head_projection` sets
+    ``int8_projection``; then ``forward`` goes through ``project`` and ``infer`` too, so that offline and
+    streaming use the same numbers)."""
+
+    lstm: nn.LSTM
+
+    def __init__(self):
+        super().__init__()
+        self.int8_projection: nn.Module | None = None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-segment input projection [..., D] -> [..., dirs, 4H]; cacheable once per segment."""
+        if self.int8_projection is None:
+            return _input_projection(self.lstm, x)
+        return self.int8_projection(x).unflatten(-1, (2 if self.lstm.bidirectional else 1, -1))
+
+
+class AttentionHead(_ProjectedHead):
     """Utterance features [B, S, D] -> (logits [B, K], attention [B, S])."""
 
     def __init__(self, cfg: ModelConfig, in_dim: int):
@@ -213,12 +236,10 @@ class AttentionHead(nn.Module):
         return self.dnn(z), alpha
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.int8_projection is not None:
+            return self.infer(self.project(x))
         y, _ = self.lstm(x)
         return self._pool(y)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-segment input projection [..., D] -> [..., 2, 4H]; cacheable once per segment."""
-        return _input_projection(self.lstm, x)
 
     def infer(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as ``forward`` from cached projections [B, S, 2, 4H].
@@ -233,7 +254,7 @@ class AttentionHead(nn.Module):
         return self._pool(torch.cat([fwd, bwd], dim=-1))
 
 
-class BaselineHead(nn.Module):
+class BaselineHead(_ProjectedHead):
     """LSTM 512 over the segments' CNN features, last state -> dropout 0.5 -> classes."""
 
     def __init__(self, cfg: ModelConfig, in_dim: int):
@@ -248,11 +269,10 @@ class BaselineHead(nn.Module):
         return self.out(self.drop(y[:, -1])), last
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.int8_projection is not None:
+            return self.infer(self.project(x))
         y, _ = self.lstm(x)
         return self._finish(y)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return _input_projection(self.lstm, x)
 
     def infer(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._finish(_lstm_run(proj[:, :, 0], self.lstm.weight_hh_l0, reverse=False))
@@ -589,6 +609,31 @@ def _named_fixed(stack: nn.Module, points: dict) -> list[tuple[str, list]]:
     return [(n, points[n]) for n in names]
 
 
+def quantize_head_projection(model: EmotionModel) -> bool:
+    """The head's LSTM input projection (both directions' W_ih, 4096 x 1024 with the bundled head) as one
+    dynamically quantised int8 linear layer, in place; its recurrence and everything after stay float32.
+    The projection is computed once per segment (the live path caches it), and at float32 its 16.8 MB of
+    weights, read right after FC7's, cost a one-segment hop more than the convolutions do; in int8 a
+    segment's embedding and projection take half the time and 256 streams' projections an eighth
+    (``docs/benchmarks.md``). False where the head has no LSTM to project for."""
+    import warnings
+    head = model.head
+    lstm = getattr(head, "lstm", None)
+    if not isinstance(head, _ProjectedHead) or not isinstance(lstm, nn.LSTM):
+        return False
+    with torch.no_grad():
+        ws, bs = zip(*_input_weights(lstm))
+        w, b = torch.cat(ws), torch.cat(bs)  # [dirs * 4H, D], [dirs * 4H]: the directions side by side
+        linear = nn.Linear(w.shape[1], w.shape[0]).to(w.device)
+        linear.weight.copy_(w)
+        linear.bias.copy_(b)
+    with warnings.catch_warnings():  # torch 2.11 flags torch.ao.quantization for a future move to torchao
+        warnings.simplefilter("ignore")
+        head.int8_projection = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
+    return True
+
+
 def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     """The CPU fast path, in place: int8 inference for the embedder's FC6/FC7 (dynamic quantisation,
     fbgemm/oneDNN kernels) and for its convolutions where the checkpoint carries their activation ranges.
@@ -600,8 +645,9 @@ def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     ``ser-offline train`` stores them, ``ser-offline int8-calibrate`` adds them to
     older checkpoints); without them they stay float32, channels-last (NHWC), which
     oneDNN's kernels take about 30 % faster here at 227 px, for the same values to
-    float rounding. The head stays float32. Below 227 px the pool is first folded
-    into FC6 (:func:`fold_pool_into_fc6`). CPU only.
+    float rounding. The head's LSTM input projection runs in int8 too
+    (:func:`quantize_head_projection`); its recurrence and classifier stay float32.
+    Below 227 px the pool is first folded into FC6 (:func:`fold_pool_into_fc6`). CPU only.
     """
     import warnings
     emb = model.embedder
@@ -616,7 +662,8 @@ def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     else:
         emb.features.to(memory_format=torch.channels_last)
         convs = "channels-last convolutions"
-    model.meta["inference"] = (f"int8 FC6/FC7 (dynamic), {convs}" + (", pool folded into FC6" if folded else ""))
+    head = ", int8 LSTM input projection (dynamic)" if quantize_head_projection(model) else ""
+    model.meta["inference"] = (f"int8 FC6/FC7 (dynamic), {convs}{head}" + (", pool folded into FC6" if folded else ""))
     return model
 
 
@@ -643,8 +690,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     """Rebuild an :class:`EmotionModel` from a checkpoint (``weights_only=True``), in eval mode.
     ``payload``: the file's contents when the caller has read them already (:func:`read_checkpoint`).
 
-    ``precision``: ``auto`` (int8 FC6/FC7 on the CPU, and the convolutions where ``meta["conv_int8"]`` holds
-    their activation ranges; fp32 elsewhere; see
+    ``precision``: ``auto`` (int8 FC6/FC7 and head input projection on the CPU, and the convolutions where
+    ``meta["conv_int8"]`` holds their activation ranges; fp32 elsewhere; see
     :func:`quantize_for_cpu`), ``int8`` (the same), ``fp32``, or ``bf16`` / ``fp16`` (the CNN in
     half precision, :func:`half_precision_cnn`).
     """

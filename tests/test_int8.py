@@ -150,6 +150,27 @@ def test_calibrated_int8_convolutions_are_batch_independent_close_and_survive_th
         quantize_convolutions(wrong)
 
 
+def test_the_heads_lstm_input_projection_runs_in_int8_close_to_fp32_and_offline_uses_it_too(models, emodb_wav):
+    """The fast path projects each segment's features for the head's LSTM in int8 (one dynamically quantised
+    linear for both directions): close to float32's projection on real speech; the recurrence stays float32;
+    and ``forward`` (offline) goes through the same projection as the streaming ``project`` / ``infer``."""
+    q, f = models
+    assert q.head.int8_projection is not None and "int8 LSTM input projection" in q.describe()
+    assert f.head.int8_projection is None and "int8_projection" not in "".join(f.state_dict())
+    segs = q.frontend.segments(load_audio(emodb_wav("03a01Wa")))[0]  # [S, C, M, L]
+    with torch.no_grad():
+        feats = f.embed(segs)  # the same float32 features into both projections
+        pq, pf = q.head.project(feats), f.head.project(feats)
+        assert pq.shape == pf.shape == (len(segs), 2, 4 * f.model_config.lstm_hidden)
+        assert float((pq - pf).norm() / pf.norm()) < 0.01
+        window = feats[None, :8]
+        logits, alpha = q.head(window)
+        logits_stream, alpha_stream = q.head.infer(q.head.project(window))
+        torch.testing.assert_close(logits, logits_stream, rtol=0, atol=0)
+        torch.testing.assert_close(alpha, alpha_stream, rtol=0, atol=0)
+        assert float((q.probabilities(logits) - f.probabilities(f.head(window)[0])).abs().max()) < 0.02
+
+
 def _with_meta(model, meta: dict):
     import copy
     m = copy.deepcopy(model)

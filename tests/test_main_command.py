@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 
 from stream_ser.assets import default_checkpoint, sample_path
 from stream_ser.model import load_checkpoint
@@ -90,6 +91,42 @@ def test_bench_smoke(tmp_path, emodb_dir):
     assert [x["streams"] for x in ladder][:1] == [1] and all(x["predictions"] > 0 for x in ladder)
     assert b["capacity"]["max_realtime_streams"] in {0} | {x["streams"] for x in ladder if x["realtime"]}
     assert res["frontend"]["ratio"] > 0 and res["training"][0]["segments_per_s"] > 0
+    # a trained model, loaded as `stream-ser live` loads it, joins the machine's results beside the others
+    r = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--checkpoint", "bundled", "--precision", "fp32",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "STREAM_SER_EMODB": str(emodb_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())
+    assert merged["models"]["64"] == b and set(merged["models"]) == {"64", "64, trained: default.pt"}
+    trained = merged["models"]["64, trained: default.pt"]
+    assert trained["checkpoint"]["normalization"] == "speaker" and trained["hop_latency"]["hops"] > 0
+    from bench.run import write_markdown
+    write_markdown(tmp_path, tmp_path / "bench.md")
+    text = (tmp_path / "bench.md").read_text()
+    assert "### The trained model `default.pt` (64 px, speaker normalisation)" in text and "### CNN input 64 px" in text
+    assert text.count("## Notes on the CPU figures") == 1
+    r = subprocess.run([sys.executable, "-m", "bench.run", "--checkpoint", "no/such.pt"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_bench_bounds_measures_the_cache_and_front_end_bounds(tmp_path, emodb_dir):
+    import json
+    import sys
+    r = subprocess.run([sys.executable, "-m", "bench.bounds", "--image-sizes", "64", "--repeats", "2", "--files", "4",
+                        "--frontend-repeats", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "STREAM_SER_EMODB": str(emodb_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("*.json")).read_text())
+    (cnn,) = res["cnn"]
+    parts = ("conv_ms", "fc6_fc7_ms", "head_projection_ms")
+    assert all(cnn[b][k] > 0 for b in ("batch1", "batch8") for k in parts)
+    assert cnn["cache_ratio_bound"] == pytest.approx(sum(cnn["batch8"][k] for k in parts)
+                                                     / sum(cnn["batch1"][k] for k in parts))
+    fe = res["frontend"]
+    assert fe["files"] == 4 and fe["frames"] > 0
+    assert fe["fft_only"] > fe["log_mel_from_padded_frames"] > 0  # a stage timed with its part costs more
+    assert fe["ceiling_ratio_fft_only"] == pytest.approx(fe["fft_only"] / fe["librosa"])
 
 
 def test_bench_under_load_cells_run_with_their_policy(emodb_dir, monkeypatch):
@@ -103,3 +140,15 @@ def test_bench_under_load_cells_run_with_their_policy(emodb_dir, monkeypatch):
     assert cells["default"]["omp_wait_policy"] == "default" and cells["PASSIVE"]["omp_wait_policy"] == "PASSIVE"
     for c in cells.values():
         assert c["precision"] == "int8" and c["hops"] > 0 and 0 < c["total"]["p50"] <= c["total"]["p99"]
+
+
+def test_bench_profile_engine_profiles_the_bundled_model(emodb_dir):
+    import sys
+    if default_checkpoint() is None:
+        pytest.skip("no bundled model in this install")
+    r = subprocess.run([sys.executable, "-m", "bench.profile_engine", "--checkpoint", "bundled", "--streams", "3",
+                        "--hops", "2", "--top", "5"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "STREAM_SER_EMODB": str(emodb_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the checkpoint's own image size and normalisation, not the options' defaults (227 px, per segment)
+    assert re.search(r"cpu 3 streams, 64 px, speaker normalisation: [\d.]+ ms per hop", r.stdout), r.stdout[:500]

@@ -195,12 +195,17 @@ def test_loso_end_to_end_writes_results_report_and_plot(emodb_dir, tmp_path, cap
         assert 0 <= r["uar"] <= 1 and len(r["predictions"]["pred"]) == 4 and r["test"] == [r["fold"]]
         assert r["val"][0] not in r["train"] and r["fold"] not in r["train"]
         assert 0 <= r["int8_uar"] <= 1 and 0 <= r["int8_conv_uar"] <= 1  # the CPU's int8 paths, on the test speaker
+        # which int8 path each column ran, in the record (the fast path has grown since the first runs)
+        assert "int8 LSTM input projection" in r["int8_inference"] and "int8 convolutions" not in r["int8_inference"]
+        assert "int8 convolutions" in r["int8_conv_inference"]
     s = res["summary"]
     assert s["int8_conv_uar_mean"] == pytest.approx(np.mean([r["int8_conv_uar"] for r in res["fold_runs"]]))
+    assert s["int8_inference"] == res["fold_runs"][0]["int8_inference"]
     assert np.asarray(s["confusion"]).sum() == 12 and res["machine"]["torch"] == torch.__version__
     report = (out / "report.md").read_text()
     assert "UAR, mean ± std over folds" in report and "81.31" in report  # the paper's no-pretraining figure
     assert "int8 convolutions as well" in report
+    assert f"(compact model, {s['int8_inference']})" in report
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "run.log").read_text().count("test UAR") == 3
     # resuming recomputes nothing

@@ -37,6 +37,7 @@ import torch  # noqa: E402  (after the OpenMP policy, which libgomp reads once w
 from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig
 from stream_ser.engine import MultiStreamEngine
+from stream_ser.gcpause import startup_objects_frozen
 from stream_ser.model import CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, half_precision_cnn, quantize_for_cpu
 from stream_ser.protocol import percentiles
 from stream_ser.recognizer import PaddingCache, StreamingRecognizer, embed_and_project
@@ -468,6 +469,17 @@ CPU_NOTES = [
     "because speaker normalisation and speech detection cost more per stream than the smaller CNN saves: 256 "
     "streams fed as fast as possible (`python -m bench.profile_engine --checkpoint bundled --streams 256`, before "
     "the int8 projection) took 189 ms a hop under the profiler, of which silero-vad's batched calls were 50 ms.",
+    "- 2026-11-27, garbage collection: importing torch and the model leaves about 280 000 objects Python's "
+    "collector tracks, and a full collection walks them all (about 160 ms here). In an engine of 256 bundled-model "
+    "streams fed as fast as possible, one came inside a hop every 15-35 hops and made it 340-366 ms where the "
+    "others took about 190. `stream-ser live` (and, since then, this benchmark's figures 1-4) now serve with the "
+    "start-up objects frozen out of those collections (`stream_ser.gcpause`); the same engine then had no "
+    "collection over 10 ms in 60 hops. The figures of the int8 section above were measured just before that "
+    "(02:37-02:45). A run with it at 03:30 (`bench/results/history/`) is not comparable: the host's memory was "
+    "slower then (`bench.bounds`: FC6 + FC7 of one 227 px segment 1.24 ms at 02:41, 1.61 ms at 03:38), and it "
+    "gave 227 px p50 7.0 ms and 128 streams, 112 px p50 3.6 ms and 384 streams, the bundled model p50 3.5 ms and "
+    "288 streams (320 missed again, p99 342 ms: not the collector). One stream with and without the freeze, "
+    "alternated in one process at that time: p50 6.5-7.3 ms both ways (no full collection in a one-stream run).",
     "- 2026-11-27, what bounds the two missed CPU targets, measured (`python -m bench.bounds`, idle machine, "
     "17 s, after the int8 projection; `bench/results/bounds/`). Each part of the int8 CNN and the head's input "
     "projection timed at batch 1 (a cached hop embeds one segment) and batch 8 (re-embedding the window), on "
@@ -538,7 +550,14 @@ def _targets(r: dict) -> list[str]:
 
 def measure_model(model, audio: list[np.ndarray], long_file: Path, long_audio: np.ndarray, ladder: list[int],
                   repeats: int, smoke: bool) -> dict:
-    """Figures 1-4 for one model: per-hop latency, websocket end to end, the cache's worth, capacity."""
+    """Figures 1-4 for one model: per-hop latency, websocket end to end, the cache's worth, capacity; with
+    the start-up objects frozen out of the garbage collector's full collections, as `stream-ser live` runs."""
+    with startup_objects_frozen():
+        return _measure_model(model, audio, long_file, long_audio, ladder, repeats, smoke)
+
+
+def _measure_model(model, audio: list[np.ndarray], long_file: Path, long_audio: np.ndarray, ladder: list[int],
+                   repeats: int, smoke: bool) -> dict:
     with torch.no_grad():
         model.embed(torch.zeros(2, 3, 64, 64, device=model.device))  # warm-up
     b = {"inference": model.meta.get("inference")}

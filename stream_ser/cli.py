@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
     from .capture import CaptureError
+    from .gcpause import startup_objects_frozen
     from .live import LiveApp
     from .model import CheckpointError
     from .server import ProducerLimits
@@ -309,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, CaptureError, ValueError, VadError) as e:
         return _fail(str(e))
     try:
-        return asyncio.run(app.run())
+        with startup_objects_frozen():  # no 160 ms full garbage collection inside a hop (stream_ser.gcpause)
+            return asyncio.run(app.run())
     except OSError as e:  # e.g. the port is taken
         return _fail(f"cannot serve on {args.host}:{args.port}: {e}")
     except KeyboardInterrupt:

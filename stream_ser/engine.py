@@ -7,7 +7,9 @@ stream with new audio, puts *all* new segments of all streams through the
 embedder as one batch, then runs the heads of all streams whose window moved as
 one batch. A stream's predictions equal a lone recognizer's for the same audio
 (tested). When one stream brings several new segments in a step, its windows are
-predicted in order, one round per segment.
+predicted in order, one round per segment. A long-running server should step it
+inside :func:`stream_ser.gcpause.startup_objects_frozen`, as ``stream-ser live``
+does, or Python's full garbage collections (about 160 ms) land inside hops.
 """
 
 from __future__ import annotations

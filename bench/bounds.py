@@ -3,15 +3,17 @@
     python -m bench.bounds [--image-sizes 227 112 64] [--repeats 50]
 
 1. The embedding cache (target: a hop >= 6x cheaper than re-embedding the window). Each part of the CNN
-   timed on the CPU fast path (int8 convolutions and FC6/FC7, as `stream-ser live` runs it) at batch 1
-   (a cached hop) and batch 8 (a re-embedded window), on the live hop's threads (``stream_ser.openmp``).
-   A batch of 8 streams FC6/FC7's weights from memory once, as a batch of 1 does, so the ratio can be at most
-   (conv x8 + FC at batch 8 + head) / (conv x1 + FC at batch 1 + head), whatever the cache does.
+   and the head's input projection timed on the CPU fast path (int8, as `stream-ser live` runs it) at
+   batch 1 (a cached hop) and batch 8 (a re-embedded window), on the live hop's threads
+   (``stream_ser.openmp``). A batch of 8 reads FC6/FC7's and the projection's weights from memory once, as
+   a batch of 1 does, so the ratio can be at most (conv x8 + FC and projection at batch 8) / (conv x1 + FC
+   and projection at batch 1), whatever the cache does.
 2. The front-end (target: >= 20x librosa on all of EMO-DB). Its stages timed cumulatively over every file,
-   one intra-op thread (best of several passes), each file's frames cut and padded just before: the FFT alone, the FFT with the power spectrum,
-   filterbank and log (the log-Mel), and the whole front-end (deltas, segments, normalisation). The FFT
-   alone is the floor of any front-end that computes this transform (512-point FFTs of 25 ms frames every
-   10 ms); librosa's time over it is the highest ratio to librosa this transform allows.
+   one intra-op thread, best of several passes, each file's frames cut and padded just before: the FFT
+   alone, the FFT with the power spectrum, filterbank and log (the log-Mel), and the whole front-end
+   (deltas, segments, normalisation). The FFT alone is the floor of any front-end that computes this
+   transform (512-point FFTs of 25 ms frames every 10 ms); librosa's time over it is the highest ratio to
+   librosa this transform allows.
 
 Writes ``bench/results/bounds/<machine>.json`` (and prints it); the notes of docs/benchmarks.md
 (``bench/run.py``'s ``CPU_NOTES``) quote it with the date.
@@ -140,7 +142,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-sizes", type=int, nargs="+", default=[227, 112, 64])
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per figure (median); front-end: passes")
-    ap.add_argument("--frontend-repeats", type=int, default=5, help="passes over the corpus per front-end figure (the best)")
+    ap.add_argument("--frontend-repeats", type=int, default=5,
+                    help="passes over the corpus per front-end figure (the best)")
     ap.add_argument("--files", type=int, default=None, help="EMO-DB files for the front-end (default: all)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bounds"))
     args = ap.parse_args(argv)

@@ -13,6 +13,7 @@ import argparse
 import cProfile
 import pstats
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
         path = default_checkpoint() if args.checkpoint == "bundled" else args.checkpoint
         if path is None:
             ap.error("--checkpoint bundled: this install has no bundled model")
+        if not Path(path).is_file():
+            ap.error(f"--checkpoint {path}: no such file")
         model = load_checkpoint(path, dev)
         args.image_size, args.normalization = model.frontend_config.image_size, model.frontend_config.normalization
     else:

@@ -299,9 +299,10 @@ def write_markdown(results_dir: Path, out: Path) -> None:
         for size, b in r["models"].items():
             h = b["hop_latency"]
             ck = b.get("checkpoint")
+            when = r.get("checkpoint_dates", {}).get(size, "")
             title = (f"### The trained model `{ck['file']}` ({ck['image_size']} px, {ck['normalization']} "
-                     f"normalisation), loaded as `stream-ser live` loads it · {r.get('checkpoint_dates', {}).get(size, '')}"
-                     if ck else f"### CNN input {size} px")
+                     f"normalisation), loaded as `stream-ser live` loads it · {when}" if ck
+                     else f"### CNN input {size} px")
             L += [title, ""] + ([f"Inference: {b['inference']}.", ""] if b.get("inference") else []) \
                 + ["| per-hop latency, one stream (ms) | p50 | p95 | p99 |", "|---|---|---|---|"]
             for k in ("frontend", "embed", "head", "total"):

@@ -13,12 +13,11 @@ import argparse
 import cProfile
 import pstats
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.run import _files
+from bench.run import _checkpoint_path, _files
 from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig, ModelConfig
 from stream_ser.engine import MultiStreamEngine
@@ -42,14 +41,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if args.checkpoint:
-        from stream_ser.assets import default_checkpoint
         from stream_ser.model import load_checkpoint
-        path = default_checkpoint() if args.checkpoint == "bundled" else args.checkpoint
-        if path is None:
-            ap.error("--checkpoint bundled: this install has no bundled model")
-        if not Path(path).is_file():
-            ap.error(f"--checkpoint {path}: no such file")
-        model = load_checkpoint(path, dev)
+        model = load_checkpoint(_checkpoint_path(ap, args.checkpoint), dev)
         args.image_size, args.normalization = model.frontend_config.image_size, model.frontend_config.normalization
     else:
         model = EmotionModel(FrontendConfig(image_size=args.image_size, normalization=args.normalization),

@@ -299,9 +299,8 @@ def write_markdown(results_dir: Path, out: Path) -> None:
         for size, b in r["models"].items():
             h = b["hop_latency"]
             ck = b.get("checkpoint")
-            when = r.get("checkpoint_dates", {}).get(size, "")
             title = (f"### The trained model `{ck['file']}` ({ck['image_size']} px, {ck['normalization']} "
-                     f"normalisation), loaded as `stream-ser live` loads it · {when}" if ck
+                     f"normalisation), loaded as `stream-ser live` loads it · {ck['date']}" if ck
                      else f"### CNN input {size} px")
             L += [title, ""] + ([f"Inference: {b['inference']}.", ""] if b.get("inference") else []) \
                 + ["| per-hop latency, one stream (ms) | p50 | p95 | p99 |", "|---|---|---|---|"]
@@ -554,22 +553,17 @@ def measure_model(model, audio: list[np.ndarray], long_file: Path, long_audio: n
     """Figures 1-4 for one model: per-hop latency, websocket end to end, the cache's worth, capacity; with
     the start-up objects frozen out of the garbage collector's full collections, as `stream-ser live` runs."""
     with startup_objects_frozen():
-        return _measure_model(model, audio, long_file, long_audio, ladder, repeats, smoke)
-
-
-def _measure_model(model, audio: list[np.ndarray], long_file: Path, long_audio: np.ndarray, ladder: list[int],
-                   repeats: int, smoke: bool) -> dict:
-    with torch.no_grad():
-        model.embed(torch.zeros(2, 3, 64, 64, device=model.device))  # warm-up
-    b = {"inference": model.meta.get("inference")}
-    b["hop_latency"] = _median_of([hop_latency(model, audio) for _ in range(repeats)])
-    print(f"  hop latency total {b['hop_latency']['total']}", flush=True)
-    if not smoke:
-        b["websocket_e2e"] = _median_of([websocket_e2e(model, long_file) for _ in range(repeats)])
-        print(f"  websocket e2e {b['websocket_e2e']}", flush=True)
-    b["cache"] = _median_of([cache_ratio(model, long_audio, 5 if smoke else 40) for _ in range(repeats)])
-    print(f"  cache ratio {b['cache']['ratio']:.2f}", flush=True)
-    b["capacity"] = capacity(model, audio, ladder, 3 if smoke else 12)
+        with torch.no_grad():
+            model.embed(torch.zeros(2, 3, 64, 64, device=model.device))  # warm-up
+        b = {"inference": model.meta.get("inference")}
+        b["hop_latency"] = _median_of([hop_latency(model, audio) for _ in range(repeats)])
+        print(f"  hop latency total {b['hop_latency']['total']}", flush=True)
+        if not smoke:
+            b["websocket_e2e"] = _median_of([websocket_e2e(model, long_file) for _ in range(repeats)])
+            print(f"  websocket e2e {b['websocket_e2e']}", flush=True)
+        b["cache"] = _median_of([cache_ratio(model, long_audio, 5 if smoke else 40) for _ in range(repeats)])
+        print(f"  cache ratio {b['cache']['ratio']:.2f}", flush=True)
+        b["capacity"] = capacity(model, audio, ladder, 3 if smoke else 12)
     return b
 
 
@@ -588,11 +582,11 @@ def _checkpoint_path(ap: argparse.ArgumentParser, spec: str | None) -> Path | No
     return path
 
 
-def measure_checkpoint(path: Path, device: torch.device, precision: str, name: str, result: dict,
-                       audio: list[np.ndarray], long_file: Path, long_audio: np.ndarray, ladder: list[int],
-                       repeats: int, smoke: bool, out: Path, docs: Path) -> int:
-    """A trained model's figures, loaded as `stream-ser live` loads it (its own image size, normalisation,
-    int8 calibration and temperature), added to this machine's results under ``"<size> px, <file>"``."""
+def measure_checkpoint(path: Path, device: torch.device, precision: str, audio: list[np.ndarray], long_file: Path,
+                       long_audio: np.ndarray, ladder: list[int], repeats: int, smoke: bool) -> tuple[str, dict]:
+    """A trained model's figures 1-4, loaded as `stream-ser live` loads it (its own image size, normalisation,
+    int8 calibration and temperature) -> (its key in the machine's results, ``"<size>, trained: <file>"``,
+    and its figures, with what the model is and when it was measured under ``"checkpoint"``)."""
     from stream_ser.model import load_checkpoint
 
     model = load_checkpoint(path, device, precision)
@@ -601,20 +595,22 @@ def measure_checkpoint(path: Path, device: torch.device, precision: str, name: s
     b = measure_model(model, audio, long_file, long_audio, ladder, repeats, smoke)
     b["checkpoint"] = {"file": path.name, "image_size": model.frontend_config.image_size,
                        "normalization": model.frontend_config.normalization, "arch": model.model_config.arch,
-                       "labels": len(model.labels)}
-    path_out = out / f"{name}{'-smoke' if smoke else ''}.json"
-    if path_out.is_file():  # keep this machine's other figures
-        kept = json.loads(path_out.read_text())
-        kept.setdefault("models", {})[key] = b
-        result = kept
-    else:
-        result["models"][key] = b
-    result.setdefault("checkpoint_dates", {})[key] = time.strftime("%Y-%m-%d %H:%M")
+                       "labels": len(model.labels), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return key, b
+
+
+def _results_path(out: Path, name: str, smoke: bool) -> Path:
+    return out / f"{name}{'-smoke' if smoke else ''}.json"
+
+
+def _write_results(result: dict, out: Path, docs: Path, smoke: bool) -> int:
+    """Write this machine's results and (but for a smoke run) docs/benchmarks.md from every machine's."""
+    path = _results_path(out, result["name"], smoke)
     out.mkdir(parents=True, exist_ok=True)
-    path_out.write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(result, indent=1))
     if not smoke:
         write_markdown(out, docs)
-    print(f"wrote {path_out}")
+    print(f"wrote {path}" + ("" if smoke else f" and {docs}"))
     return 0
 
 
@@ -666,22 +662,21 @@ def main(argv=None) -> int:
     name = machine_name(device) + ("" if precision == "fp32" else f"-{precision}")
     result = {"name": name, "date": time.strftime("%Y-%m-%d %H:%M"), "smoke": smoke,
               "machine": machine, "models": {}, "notes": []}
+    out, docs = Path(args.out), Path(args.docs)
+    if args.frontend_only or checkpoint is not None:  # one part measured again: this machine's others are kept
+        kept = _results_path(out, name, smoke)
+        if kept.is_file():
+            result = json.loads(kept.read_text())
     if args.frontend_only:
-        path = Path(args.out) / f"{name}{'-smoke' if smoke else ''}.json"
-        if path.is_file():
-            result = json.loads(path.read_text())
         result["frontend"] = frontend_throughput(files if smoke else _files(), device)
         result["frontend"]["date"] = time.strftime("%Y-%m-%d %H:%M")
         print(f"  {result['frontend']}", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        if not smoke:
-            write_markdown(Path(args.out), Path(args.docs))
-        print(f"wrote {path}")
-        return 0
+        return _write_results(result, out, docs, smoke)
     if checkpoint is not None:
-        return measure_checkpoint(checkpoint, device, precision, name, result, audio, long_file, long_audio,
-                                  ladder, repeats, smoke, Path(args.out), Path(args.docs))
+        key, b = measure_checkpoint(checkpoint, device, precision, audio, long_file, long_audio, ladder, repeats,
+                                    smoke)
+        result.setdefault("models", {})[key] = b
+        return _write_results(result, out, docs, smoke)
     for size in args.image_sizes:
         print(f"CNN input {size} px", flush=True)
         model = EmotionModel(FrontendConfig(image_size=size)).to(device).eval()
@@ -701,14 +696,7 @@ def main(argv=None) -> int:
     result["training"] = [training_throughput(s, bt, device, 1 if smoke else 4)
                           for s in args.image_sizes for bt in ((32,) if smoke else (32, 128))]
     print(f"  training {result['training']}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{result['name']}{'-smoke' if smoke else ''}.json"
-    path.write_text(json.dumps(result, indent=1))
-    if not smoke:
-        write_markdown(out, Path(args.docs))
-    print(f"wrote {path}" + ("" if smoke else f" and {args.docs}"))
-    return 0
+    return _write_results(result, out, docs, smoke)
 
 
 if __name__ == "__main__":

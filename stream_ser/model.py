@@ -208,6 +208,21 @@ class _ProjectedHead(nn.Module):
             return _input_projection(self.lstm, x)
         return self.int8_projection(x).unflatten(-1, (2 if self.lstm.bidirectional else 1, -1))
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Utterance features [B, S, D] -> (logits [B, K], weights over segments [B, S])."""
+        if self.int8_projection is not None:
+            return self.infer(self.project(x))
+        y, _ = self.lstm(x)
+        return self._readout(y)
+
+    def infer(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as ``forward`` from cached projections [B, S, dirs, 4H]."""
+        raise NotImplementedError
+
+    def _readout(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSTM outputs [B, S, dirs * H] -> (logits [B, K], weights over segments [B, S])."""
+        raise NotImplementedError
+
 
 class AttentionHead(_ProjectedHead):
     """Utterance features [B, S, D] -> (logits [B, K], attention [B, S])."""
@@ -227,19 +242,13 @@ class AttentionHead(_ProjectedHead):
         layers.append(nn.Linear(d, cfg.n_classes))
         self.dnn = nn.Sequential(*layers)
 
-    def _pool(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _readout(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.attention:
             alpha = torch.softmax(self.mu(y).squeeze(-1), dim=1)  # eq. (4)
         else:
             alpha = y.new_full(y.shape[:2], 1.0 / y.shape[1])  # mean pooling (Table 3 ablation)
         z = (alpha.unsqueeze(-1) * y).sum(dim=1)  # eq. (5)
         return self.dnn(z), alpha
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.int8_projection is not None:
-            return self.infer(self.project(x))
-        y, _ = self.lstm(x)
-        return self._pool(y)
 
     def infer(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as ``forward`` from cached projections [B, S, 2, 4H].
@@ -251,7 +260,7 @@ class AttentionHead(_ProjectedHead):
         """
         fwd = _lstm_run(proj[:, :, 0], self.lstm.weight_hh_l0, reverse=False)
         bwd = _lstm_run(proj[:, :, 1], self.lstm.weight_hh_l0_reverse, reverse=True)
-        return self._pool(torch.cat([fwd, bwd], dim=-1))
+        return self._readout(torch.cat([fwd, bwd], dim=-1))
 
 
 class BaselineHead(_ProjectedHead):
@@ -263,19 +272,13 @@ class BaselineHead(_ProjectedHead):
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.baseline_lstm, cfg.n_classes)
 
-    def _finish(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _readout(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last = torch.zeros(y.shape[:2], device=y.device, dtype=y.dtype)
         last[:, -1] = 1.0  # the prediction reads the last state: all weight on the last segment
         return self.out(self.drop(y[:, -1])), last
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.int8_projection is not None:
-            return self.infer(self.project(x))
-        y, _ = self.lstm(x)
-        return self._finish(y)
-
     def infer(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._finish(_lstm_run(proj[:, :, 0], self.lstm.weight_hh_l0, reverse=False))
+        return self._readout(_lstm_run(proj[:, :, 0], self.lstm.weight_hh_l0, reverse=False))
 
 
 # --- the model ---------------------------------------------------------------------

@@ -512,6 +512,24 @@ CPU_NOTES = [
     "third cheaper for a whole file's 300 frames but twice the cost for a live hop's 32, and one code path for "
     "both keeps streaming equal to offline; the power spectrum as |z|^2 or z * conj(z): no faster once contiguous.",
     "",
+    "- 2026-11-27, what bounds the int8 convolutions' accuracy (the row they miss: every fold within 0.5 points, "
+    "where one changed answer moves a fold about 2 points), measured on the bundled model (`python -m "
+    "bench.conv_int8_error`, 9 s; `bench/results/precision/conv-int8-error-*.json`): ranges from 196 live "
+    "images of 5 EMO-DB speakers, errors (relative L2 against float32) on 181 of the 5 others. The conv stack "
+    "as deployed: 2.53 %. Each convolution fed float32 activations: its input's quantisation 3.5 % (the "
+    "image), 1.6, 1.0, 1.5, 1.3 %, its output 3.9, 1.8, 2.0, 1.5, 1.9 %: the error is spread over all five "
+    "layers, not one. The kernels compute exactly what integer arithmetic gives (no output a step away from "
+    "it), so nothing saturates. The stored ranges are the engine's 7-bit ones, but the kernels clamp at 255, "
+    "so each activation keeps twice its calibrated range as headroom, and that matters: up to 2 activations in "
+    "10^4 (by layer) lie beyond the calibrated range on other speakers, and ranges measured for 8 bits, which clip them, "
+    "give 13.5 %. Tried and not kept: the first convolution in float32, 2.33 %; every range scaled by 0.8, "
+    "0.9, 1.25, 1.5: 4.6, 3.3, 3.1, 3.6 %. So no choice of per-tensor 8-bit ranges brings the convolutions "
+    "near int8 FC6/FC7's 1 %, which changed no EMO-DB fold; the every-fold row would need finer activations "
+    "than these kernels take. What the int8 convolutions buy the bundled model, one run each at 04:16 and "
+    "04:20 (`bench/results/history/bundled-*-2026-11-27-*.json`; the bundled checkpoint with and without "
+    "`meta[\"conv_int8\"]`): one stream p50 3.2 against 5.4 ms, p99 3.6 against 7.0 ms a hop; both carry the "
+    "ladder's top, 320 streams (p99 242 against 267 ms).",
+    "",
 ]
 
 TARGETS = {"cpu": {"p99_ms": 12.0, "cache_ratio": 6.0, "streams": {"227": 48, "112": 128}, "frontend_ratio": 20},

@@ -129,6 +129,26 @@ def test_bench_bounds_measures_the_cache_and_front_end_bounds(tmp_path, emodb_di
     assert fe["ceiling_ratio_fft_only"] == pytest.approx(fe["fft_only"] / fe["librosa"])
 
 
+def test_bench_conv_int8_error_measures_the_deployed_stack_and_its_alternatives(tmp_path, emodb_dir):
+    """bench.conv_int8_error: the stack as deployed against its alternatives, and each quantised convolution
+    fed float32 activations, on images from speakers the ranges were not measured on."""
+    import json
+    import sys
+    r = subprocess.run([sys.executable, "-m", "bench.conv_int8_error", "--files-per-speaker", "1", "--emodb",
+                        str(emodb_dir), "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("conv-int8-error-*.json")).read_text())
+    assert res["calibration_images"] > 0 and res["test_images"] > 0 and res["image_size"] == 64
+    stack = res["stack_rel_l2"]
+    assert len(stack) == 7 and all(0 < v < 1 for v in stack.values())
+    assert stack["deployed (7-bit ranges, histogram)"] < 0.1  # what `stream-ser live` runs stays close to fp32
+    assert [x["layer"] for x in res["layers"]] == [f"features.{i}" for i in (0, 3, 6, 8, 10)]  # AlexNet's convs
+    for x in res["layers"]:
+        assert 0 < x["input_quantisation_rel_l2"] < 1 and 0 < x["output_rel_l2"] < 1
+        assert 0 <= x["beyond_255_steps"] <= x["beyond_calibrated_range"] < 0.01  # 255 steps hold more
+        assert x["kernel_max_steps_from_exact"] >= 0
+
+
 def test_bench_under_load_cells_run_with_their_policy(emodb_dir, monkeypatch):
     """Each cell of bench.under_load is a fresh process with the OpenMP policy it claims (the policy only
     counts when torch loads), streaming the bundled model as `stream-ser live` does (int8 on the CPU)."""

@@ -528,7 +528,14 @@ CPU_NOTES = [
     "than these kernels take. What the int8 convolutions buy the bundled model, one run each at 04:16 and "
     "04:20 (`bench/results/history/bundled-*-2026-11-27-*.json`; the bundled checkpoint with and without "
     "`meta[\"conv_int8\"]`): one stream p50 3.2 against 5.4 ms, p99 3.6 against 7.0 ms a hop; both carry the "
-    "ladder's top, 320 streams (p99 242 against 267 ms).",
+    "ladder's top, 320 streams (p99 242 against 267 ms). What they cost it: against fp32 on its 1975 training "
+    "utterances, 11 answers change with them and 9 without (`python -m bench.int8_agreement --checkpoint` on "
+    "the copy without ranges; `bench/results/precision/bundled-int8-without-int8-convolutions-cpu.json`), so "
+    "most changed answers come from int8 FC6/FC7 and the projection, and leaving the convolutions in float32 "
+    "would buy two answers in 1975 for 70 % more latency. The live default keeps them. Without them the "
+    "untrained models still meet the reachable CPU targets (04:31, `bench/results/history/"
+    "cpu-2threads-amd-epyc-int8-without-int8-convolutions-2026-11-27-0431.json`): 227 px p50 8.1, p99 11.1 ms, "
+    "64 streams (96 missed); 112 px p99 6.5 ms, at least 160 streams (the ladder's top).",
     "",
 ]
 

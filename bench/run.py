@@ -446,7 +446,8 @@ CPU_NOTES = [
     "so a single changed answer moves its UAR by about 2 points, and a 3 % change in the conv features (7-bit "
     "activations) changes one or two answers on 4 of 10 folds. The live default keeps the int8 convolutions; "
     "`--precision fp32` turns them off.",
-    "- 2026-11-27, the int8 head projection and the bundled model (the int8 section above, idle machine; "
+    "- 2026-11-27, the int8 head projection and the bundled model (then the int8 section above, now "
+    "`bench/results/history/cpu-2threads-amd-epyc-int8-2026-11-27-0237.json`; idle machine; "
     "`python -m bench.run --precision int8 --ladder 1 32 64 96 128 160 192 224 256 320 384 448`, then "
     "`python -m bench.run --checkpoint bundled --ladder 1 64 128 192 256 320 384 448 512 640 768`, about 9 min). "
     "(1) The head's LSTM input projection (both directions' W_ih, 4096 x 1024, computed once per segment) is a "
@@ -474,7 +475,7 @@ CPU_NOTES = [
     "streams fed as fast as possible, one came inside a hop every 15-35 hops and made it 340-366 ms where the "
     "others took about 190. `stream-ser live` (and, since then, this benchmark's figures 1-4) now serve with the "
     "start-up objects frozen out of those collections (`stream_ser.gcpause`); the same engine then had no "
-    "collection over 10 ms in 60 hops. The figures of the int8 section above were measured just before that "
+    "collection over 10 ms in 60 hops. The figures of the previous note were measured just before that "
     "(02:37-02:45). A run with it at 03:30 (`bench/results/history/`) is not comparable: the host's memory was "
     "slower then (`bench.bounds`: FC6 + FC7 of one 227 px segment 1.24 ms at 02:41, 1.61 ms at 03:38), and it "
     "gave 227 px p50 7.0 ms and 128 streams, 112 px p50 3.6 ms and 384 streams, the bundled model p50 3.5 ms and "
@@ -536,6 +537,14 @@ CPU_NOTES = [
     "untrained models still meet the reachable CPU targets (04:31, `bench/results/history/"
     "cpu-2threads-amd-epyc-int8-without-int8-convolutions-2026-11-27-0431.json`): 227 px p50 8.1, p99 11.1 ms, "
     "64 streams (96 missed); 112 px p99 6.5 ms, at least 160 streams (the ladder's top).",
+    "- 2026-11-27, 04:36-04:48, the int8 section above, with the start-up objects frozen out of the collector "
+    "(idle machine, the host's memory fast again: `bench.bounds` at 04:31 timed FC6 + FC7 of one 227 px segment "
+    "1.34 ms, 1.24 at 02:41, 1.61 at 03:38; the same two commands as the int8 projection's note). Against the "
+    "02:37-02:45 run: 227 px p50 5.4 -> 5.9 ms, p99 6.2 -> 6.7, 160 streams both times (192 missed); 112 px p50 "
+    "3.6 -> 3.5 ms, p99 4.4 -> 5.5, 384 streams both times (448 missed); the bundled model p50 3.0 -> 3.3 ms, "
+    "p99 3.9 -> 4.4, and 256 -> 384 streams (448 missed: p99 337 ms; at 320 p99 341 -> 245 ms). One stream is "
+    "within this host's drift (a one-stream run has no full collection); the capacity is what the freeze is "
+    "for. Front-end 2.9x librosa (librosa 1801 s/s this time, ours 5253).",
     "",
 ]
 

@@ -537,7 +537,7 @@ CPU_NOTES = [
     "untrained models still meet the reachable CPU targets (04:31, `bench/results/history/"
     "cpu-2threads-amd-epyc-int8-without-int8-convolutions-2026-11-27-0431.json`): 227 px p50 8.1, p99 11.1 ms, "
     "64 streams (96 missed); 112 px p99 6.5 ms, at least 160 streams (the ladder's top).",
-    "- 2026-11-27, 04:36-04:48, the int8 section above, with the start-up objects frozen out of the collector "
+    "- 2026-11-27, 04:36-04:43, the int8 section above, with the start-up objects frozen out of the collector "
     "(idle machine, the host's memory fast again: `bench.bounds` at 04:31 timed FC6 + FC7 of one 227 px segment "
     "1.34 ms, 1.24 at 02:41, 1.61 at 03:38; the same two commands as the int8 projection's note). Against the "
     "02:37-02:45 run: 227 px p50 5.4 -> 5.9 ms, p99 6.2 -> 6.7, 160 streams both times (192 missed); 112 px p50 "

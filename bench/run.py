@@ -545,6 +545,19 @@ CPU_NOTES = [
     "p99 3.9 -> 4.4, and 256 -> 384 streams (448 missed: p99 337 ms; at 320 p99 341 -> 245 ms). One stream is "
     "within this host's drift (a one-stream run has no full collection); the capacity is what the freeze is "
     "for. Front-end 2.9x librosa (librosa 1801 s/s this time, ours 5253).",
+    "- 2026-11-27, 05:09, speech detection rebuilt (the `default.pt` section above; `python -m bench.run "
+    "--checkpoint bundled --ladder 1 64 128 192 256 320 384 448 512 640 768`, idle machine, `bench.bounds` at "
+    "05:07: FC6 + FC7 of one 227 px segment 1.24 ms, as at 02:41). silero-vad's network is rebuilt from the "
+    "wheel's weights (`stream_ser.vad.SileroNet`, checked against the TorchScript model when loaded): every "
+    "queued chunk of every stream goes through its encoder in one batch (it has no memory), only its LSTM cell "
+    "steps chunk round by chunk round, and the STFT is an FFT instead of a convolution with 258 basis rows. "
+    "The same answers: `python -m bench.int8_agreement` gives the bundled model the same UAR and WA to the last "
+    "digit, fp32 and the fast path, and the same 11 changed answers. An engine hop of 256 bundled-model streams "
+    "fed as fast as possible (`python -m bench.profile_engine --checkpoint bundled --streams 256`): 172 -> 157 "
+    "ms under the profiler, speech detection 48 -> 28 ms. One stream pushing a hop's 5120 samples at a time: "
+    "speech detection 2.5 -> 1.0 ms a hop, the whole push 6.1 -> 3.9 ms. This benchmark's one stream is fed 20 "
+    "ms at a time, which spreads the detection over the pushes before a hop, so it moved little (p50 3.27 -> "
+    "3.22 ms, p99 4.36 -> 4.11). Capacity 384 -> 448 streams (512 missed: p99 330 ms).",
     "",
 ]
 

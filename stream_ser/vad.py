@@ -3,11 +3,13 @@
 silero-vad's model ships inside its PyPI wheel (``silero_vad/data/silero_vad.jit``),
 so nothing is downloaded. The file is loaded directly: importing the
 ``silero_vad`` package would set torch to one thread for the whole process.
-The model is a small recurrent network with its own state, so every stream has
-its own :class:`SpeechDetector`. One stream's chunks are scored on one thread
-(on 2 busy threads the tiny ops cost 80 ms a chunk here instead of 0.3 ms); the
-chunks of many streams scored together use all threads, as an engine hop does
-(``stream_ser.openmp.hop_threads``: 256 streams' hop 43 -> 26 ms on 2 cores).
+Its 16 kHz network is rebuilt from that file's weights as :class:`SileroNet`, a
+plain module with no state of its own (checked against the TorchScript model when
+it is loaded): every stream's :class:`SpeechDetector` holds its recurrent state,
+so one shared network scores any number of streams, from any thread. One stream's
+chunks are scored on one thread (on 2 busy threads the tiny ops cost 80 ms a chunk
+here instead of 0.3 ms); the chunks of many streams scored together use all
+threads, as an engine hop does (``stream_ser.openmp.hop_threads``).
 
 A window counts as speech when at least :data:`MIN_SPEECH_FRACTION` of its
 chunks have a speech probability above :data:`SPEECH_PROB`; otherwise it gets no
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from .openmp import hop_threads, intra_op_threads
 
@@ -56,12 +60,101 @@ def model_path() -> Path:
     return _JIT_PATH
 
 
-_MODEL: torch.jit.ScriptModule | None = None
-_MODEL_LOCK = threading.Lock()  # the shared model holds the recurrent state of the batch it is scoring
+class SileroNet(nn.Module):
+    """silero-vad's 16 kHz network, rebuilt from the wheel's TorchScript weights, with its state outside.
+
+    The network: the magnitude of a 256-point STFT (hop 128) of the chunk's 512 samples after the last 64 of
+    the one before (the context), reflect-padded by 64 (4 frames); four 1-D convolutions with ReLUs down to one
+    128-vector; an LSTM cell (the only memory, 128 units); ReLU, a linear unit and a sigmoid: the chunk's speech
+    probability. The encoder has no memory, so :meth:`encode` takes every queued chunk of every stream in one
+    batch and only :meth:`step` goes chunk by chunk. The STFT is an FFT of the windowed frames rather than
+    silero's convolution with its 258 basis rows (the same transform, checked when built). Against the
+    TorchScript model called chunk by chunk (2026-11-27, 2 threads here): one stream's hop of 10 chunks 2.1 ->
+    0.8 ms; an engine hop of 256 streams' chunks 48 -> 28 ms (profiled; ``docs/benchmarks.md``).
+    """
+
+    def __init__(self, scripted: torch.jit.ScriptModule):
+        super().__init__()
+        net = scripted._model  # the 16 kHz half of the TorchScript model
+        stft = net.stft
+        basis = stft.forward_basis_buffer[:, 0, :].float()  # [2 (n_fft / 2 + 1), n_fft]: cos rows, then -sin rows
+        self.n_fft, self.hop = int(stft.filter_length), int(stft.hop_length)
+        self.pad = int(stft.padding.padding[1])
+        self.context_samples = int(net.context_size_samples)
+        self.register_buffer("window", basis[0].clone())  # the DC row is the window itself
+        k = torch.arange(self.n_fft // 2 + 1, dtype=torch.float64)[:, None]
+        angle = 2 * np.pi * k * torch.arange(self.n_fft, dtype=torch.float64)[None] / self.n_fft
+        dft = torch.cat([torch.cos(angle), -torch.sin(angle)]) * self.window.double()
+        if basis.shape != dft.shape or not torch.allclose(basis.double(), dft, atol=1e-4):
+            raise ValueError("its STFT basis is not a windowed DFT")
+        convs = []
+        for i in range(4):
+            rc = getattr(net.encoder, str(i)).reparam_conv
+            conv = nn.Conv1d(rc.weight.shape[1], rc.weight.shape[0], rc.weight.shape[2], stride=tuple(rc.stride),
+                             padding=tuple(rc.padding))
+            conv.weight.data.copy_(rc.weight)
+            conv.bias.data.copy_(rc.bias)
+            convs.append(conv)
+        self.convs = nn.ModuleList(convs)
+        rnn = net.decoder.rnn
+        self.cell = nn.LSTMCell(rnn.weight_ih.shape[1], rnn.weight_hh.shape[1])
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(self.cell, name).data.copy_(getattr(rnn, name))
+        head = getattr(net.decoder.decoder, "2")  # (dropout, ReLU, this 1x1 convolution, sigmoid)
+        self.out = nn.Linear(head.weight.shape[1], 1)
+        self.out.weight.data.copy_(head.weight[:, :, 0])
+        self.out.bias.data.copy_(head.bias)
+        self.hidden = self.cell.hidden_size
+        self.eval()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Chunks with their context [N, context + 512] -> the LSTM cell's inputs [N, 128]."""
+        x = F.pad(x[:, None], (0, self.pad), mode="reflect")[:, 0]
+        frames = x.unfold(-1, self.n_fft, self.hop) * self.window  # [N, 4, n_fft]
+        y = torch.fft.rfft(frames).abs().transpose(1, 2).contiguous()  # [N, n_fft / 2 + 1, 4]
+        for conv in self.convs:
+            y = F.relu(conv(y))
+        return y[..., 0]
+
+    def step(self, features: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One chunk of each stream: inputs [n, 128] and states h, c [n, 128] -> (probabilities [n], h, c)."""
+        h, c = self.cell(features, (h, c))
+        return torch.sigmoid(self.out(F.relu(h)))[:, 0], h, c
 
 
-def _shared_model() -> torch.jit.ScriptModule:
-    """One silero-vad TorchScript copy per process; detectors keep only their own recurrent state."""
+_MODEL: SileroNet | None = None
+_MODEL_LOCK = threading.Lock()  # (building it once; scoring needs no lock: the network holds no state)
+
+
+def _checked(net: SileroNet, scripted: torch.jit.ScriptModule) -> None:
+    """The rebuilt network against the TorchScript model on a few chunks of a chirp in noise: the same
+    probabilities, or this silero-vad is not the network :class:`SileroNet` rebuilds."""
+    with intra_op_threads(1), torch.inference_mode():
+        diff = _difference(net, scripted)
+    if not diff < 1e-4:
+        raise ValueError(f"the rebuilt network differs from silero-vad's by {diff:.2g}")
+
+
+def _difference(net: SileroNet, scripted: torch.jit.ScriptModule) -> float:
+    """Largest difference of the two networks' probabilities over 6 chunks (a chirp in noise), state carried."""
+    t = torch.arange(6 * CHUNK_SAMPLES) / SAMPLE_RATE
+    noise = torch.randn(len(t), generator=torch.Generator().manual_seed(0))
+    x = 0.3 * torch.sin(2 * np.pi * (150 + 900 * t) * t) + 0.05 * noise
+    chunks = x.view(-1, CHUNK_SAMPLES)
+    scripted.reset_states()
+    want = torch.cat([scripted(ch[None], SAMPLE_RATE)[:, 0] for ch in chunks])
+    context = torch.cat([torch.zeros(1, net.context_samples), chunks[:-1, -net.context_samples:]])
+    feats = net.encode(torch.cat([context, chunks], 1))
+    h = c = torch.zeros(1, net.hidden)
+    got = []
+    for f in feats:
+        p, h, c = net.step(f[None], h, c)
+        got.append(p)
+    return float((torch.cat(got) - want).abs().max())
+
+
+def _shared_model() -> SileroNet:
+    """One :class:`SileroNet` per process; detectors keep their own recurrent state."""
     global _MODEL
     with _MODEL_LOCK:
         if _MODEL is None:
@@ -69,16 +162,13 @@ def _shared_model() -> torch.jit.ScriptModule:
             try:
                 with warnings.catch_warnings():  # torch 2.11 marks torch.jit.load deprecated; it is silero's format
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    model = torch.jit.load(str(path), map_location="cpu").eval()
-                model.reset_states()
-                with intra_op_threads(1), torch.inference_mode():
-                    model(torch.zeros(1, CHUNK_SAMPLES), SAMPLE_RATE)
-                state, context = model._state, model._context  # the state the batched scoring swaps in and out
-            except Exception as e:  # a damaged install, or a silero-vad without this state layout
+                    scripted = torch.jit.load(str(path), map_location="cpu").eval()
+                with intra_op_threads(1), torch.no_grad():
+                    net = SileroNet(scripted).requires_grad_(False)
+                _checked(net, scripted)
+            except Exception as e:  # a damaged install, or a silero-vad whose network is another one
                 raise VadError(f"cannot load the silero-vad model ({type(e).__name__}: {str(e)[:200]})") from None
-            if state.shape[:2] != (2, 1) or context.shape[0] != 1:
-                raise VadError(f"unexpected silero-vad state shapes {tuple(state.shape)} / {tuple(context.shape)}")
-            _MODEL = model
+            _MODEL = net
         return _MODEL
 
 
@@ -96,9 +186,8 @@ class SpeechDetector:
         self.reset()
 
     def reset(self) -> None:
-        st = self.model._state
-        self._state = torch.zeros(st.shape[0], 1, *st.shape[2:])  # the recurrent state of this stream
-        self._context = torch.zeros(1, *self.model._context.shape[1:])  # the last samples before its next chunk
+        self._state = torch.zeros(2, 1, self.model.hidden)  # this stream's recurrent state (the cell's h and c)
+        self._context = torch.zeros(1, self.model.context_samples)  # the last samples before its next chunk
         self._pending = np.zeros(0, np.float32)
         self._queued = torch.zeros(0, CHUNK_SAMPLES)  # full chunks waiting to be scored
         self._probs: deque[float] = deque(maxlen=HISTORY_CHUNKS)
@@ -163,45 +252,52 @@ def frame_mask(probs: np.ndarray, first_chunk: int, first_frame: int, n_frames: 
 def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
     """Score every queued chunk of every detector -> each one's new speech probabilities, in order.
 
-    The network is recurrent, so a stream's chunks go one after another; the streams go side by side:
-    round r scores the r-th queued chunk of every detector that has one, in one batch (the same
-    probabilities as scoring each stream alone, to float rounding: tested). With N streams a hop costs
-    10 model calls instead of 10 N, and the per-stream Python work is done once a call, not once a round:
-    the detectors are ordered by queued chunks, most first, so the ones still scoring in round r are a
-    prefix of that order; their states are gathered once, carried from round to round in the batch, and
-    handed back (as views of the batch's state) when a detector's chunks run out.
+    The encoder has no memory (a chunk's input is its 512 samples after the last 64 before it, known from
+    the audio), so every queued chunk of every detector is encoded in one batch. The recurrent cell then
+    goes round by round: round r steps every detector that has an r-th chunk, side by side (the same
+    probabilities as each stream scored alone, to float rounding: tested). With N streams a hop costs one
+    encoder call and 10 cell steps instead of 10 N model calls. The detectors are ordered by queued chunks,
+    most first, so the ones still stepping in round r are a prefix of that order.
     """
     counts = [len(d._queued) for d in detectors]
     out = [np.empty(c, np.float32) for c in counts]
     active = sorted((i for i, c in enumerate(counts) if c), key=lambda i: -counts[i])
     if active:
-        model = detectors[0].model
+        net = detectors[0].model
         dets = [detectors[i] for i in active]
-        rounds = counts[active[0]]
-        with _MODEL_LOCK, intra_op_threads(hop_threads(len(dets))), torch.inference_mode():
-            if all(len(d._queued) == rounds for d in dets):
+        lengths = [counts[i] for i in active]
+        n, rounds, cs = len(dets), lengths[0], net.context_samples
+        with intra_op_threads(hop_threads(n)), torch.inference_mode():
+            if lengths[-1] == rounds:
                 chunks = torch.stack([d._queued for d in dets])  # [n, rounds, 512]
             else:
-                chunks = torch.zeros(len(dets), rounds, CHUNK_SAMPLES)
+                chunks = torch.zeros(n, rounds, CHUNK_SAMPLES)
                 for k, d in enumerate(dets):
-                    chunks[k, :len(d._queued)] = d._queued
-            probs = np.empty((len(dets), rounds), np.float32)
-            state = torch.cat([d._state for d in dets], 1)
-            context = torch.cat([d._context for d in dets], 0)
-            n = len(dets)
+                    chunks[k, :lengths[k]] = d._queued
+            context = torch.cat([torch.cat([d._context for d in dets])[:, None], chunks[:, :-1, -cs:]], 1)
+            x = torch.cat([context, chunks], 2)  # [n, rounds, cs + 512]: each chunk after its context
+            if lengths[-1] == rounds:
+                feats = net.encode(x.view(n * rounds, -1)).view(n, rounds, -1)
+            else:  # only real chunks (row-major: stream by stream, each in order)
+                valid = torch.arange(rounds)[None] < torch.tensor(lengths)[:, None]
+                encoded = net.encode(x[valid])
+                feats = encoded.new_zeros(n, rounds, encoded.shape[-1])
+                feats[valid] = encoded
+            state = torch.cat([d._state for d in dets], 1)  # [2, n, H]
+            h, c = state[0], state[1]
+            probs = torch.empty(n, rounds)
+            m = n
             for r in range(rounds):
-                m = n
-                while m and len(dets[m - 1]._queued) <= r:  # these are done: their state is final
+                while lengths[m - 1] <= r:  # these are done (lengths[0] == rounds, so m stays >= 1)
                     m -= 1
-                if m < n:
-                    _hand_back(dets[m:n], state[:, m:n], context[m:n])
-                    state, context, n = state[:, :m].contiguous(), context[:m].contiguous(), m
-                model._state, model._context = state, context
-                model._last_batch_size = n
-                model._last_sr = SAMPLE_RATE
-                probs[:n, r] = model(chunks[:n, r], SAMPLE_RATE)[:, 0].numpy()
-                state, context = model._state, model._context
-            _hand_back(dets[:n], state, context)
+                probs[:m, r], hm, cm = net.step(feats[:m, r], h[:m], c[:m])
+                h, c = (hm, cm) if m == n else (torch.cat([hm, h[m:]]), torch.cat([cm, c[m:]]))
+            # each detector's rows as views (nothing writes into them: the next call makes new tensors)
+            state = torch.stack([h, c])  # [2, n, H]
+            context = chunks[torch.arange(n), torch.tensor(lengths) - 1, -cs:]  # [n, cs]: each one's last samples
+            for k, d in enumerate(dets):
+                d._state, d._context = state[:, k:k + 1], context[k:k + 1]
+            probs = probs.numpy()
         for k, i in enumerate(active):
             out[i][:] = probs[k, :counts[i]]
     for d, p in zip(detectors, out):
@@ -209,13 +305,6 @@ def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
             d._queued = d._queued[len(p):]
         d._record(p)
     return out
-
-
-def _hand_back(dets: list[SpeechDetector], state: torch.Tensor, context: torch.Tensor) -> None:
-    """Give each detector its row of a batch's recurrent state [2, n, H] and context [n, S]: views (the
-    model makes new tensors each call, so nothing writes into them later)."""
-    for d, st, cx in zip(dets, state.unbind(1), context.unbind(0)):
-        d._state, d._context = st.unsqueeze(1), cx.unsqueeze(0)
 
 
 def speech_fraction_of(wave: np.ndarray) -> float:

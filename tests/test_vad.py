@@ -114,3 +114,34 @@ def test_adaptation_frame_masks_of_a_long_recording_and_of_a_stream_agree(speech
             got.append(segment_speech_mask(*det.history(), s, cfg))
     assert len(got) == len(masks)
     np.testing.assert_array_equal(np.stack(got), masks.numpy())
+
+
+def test_the_rebuilt_network_equals_silero_vads_own_model(speech):
+    """SileroNet (the network rebuilt from the wheel's weights, the STFT as an FFT, the state outside)
+    against silero-vad's TorchScript model called chunk by chunk as silero's own code calls it: the same
+    probabilities on speech, noise and silence, state carried across all of them; and the check made when
+    it loads refuses a network that differs."""
+    import copy
+    import warnings
+
+    from stream_ser.vad import CHUNK_SAMPLES, _checked, _shared_model, model_path
+
+    x = np.concatenate([speech[:2 * SR], _noise(1.0, 0.05), np.zeros(SR // 2, np.float32), speech[2 * SR:]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.load(str(model_path()), map_location="cpu").eval()
+    scripted.reset_states()
+    chunks = torch.from_numpy(x[: len(x) // CHUNK_SAMPLES * CHUNK_SAMPLES].copy()).view(-1, CHUNK_SAMPLES)
+    with torch.inference_mode():
+        want = torch.cat([scripted(ch[None], SR)[:, 0] for ch in chunks]).numpy()
+    got = SpeechDetector().push(x)
+    assert len(got) == len(want) == len(x) // CHUNK_SAMPLES
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert ((got > 0.5) == (want > 0.5)).mean() > 0.99 and (want > 0.5).any() and (want < 0.5).any()
+    net = _shared_model()
+    _checked(net, scripted)  # what loading checks: passes for the real one ...
+    wrong = copy.deepcopy(net)
+    with torch.no_grad():
+        wrong.out.bias += 0.5
+    with pytest.raises(ValueError, match="differs from silero-vad"):
+        _checked(wrong, scripted)  # ... and not for another network

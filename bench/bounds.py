@@ -26,7 +26,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -36,7 +35,7 @@ prefer_passive_wait()  # as `stream-ser` runs
 
 import torch  # noqa: E402
 
-from bench.run import ROOT, _files, cpu_model, librosa_features, machine_name  # noqa: E402
+from bench.run import ROOT, _files, cpu_model, librosa_features, machine_name, save_json  # noqa: E402
 from stream_ser.audio import load_audio  # noqa: E402
 from stream_ser.config import FrontendConfig  # noqa: E402
 from stream_ser.model import CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, quantize_for_cpu  # noqa: E402
@@ -153,12 +152,7 @@ def main(argv=None) -> int:
            "cnn": [cnn_parts(s, audio, args.repeats) for s in args.image_sizes]}
     print(json.dumps(res["cnn"], indent=1), file=sys.stderr, flush=True)  # the CNN part while the front-end runs
     res["frontend"] = frontend_stages([load_audio(f).numpy() for f in _files(args.files)], args.frontend_repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{machine_name(torch.device('cpu'))}.json"
-    path.write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
+    save_json(res, args.out, machine_name(torch.device("cpu")))
     return 0
 
 

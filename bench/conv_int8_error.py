@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.run import ROOT, cpu_model, machine_name
+from bench.run import ROOT, cpu_model, machine_name, save_json
 
 SCALE_FACTORS = (0.8, 0.9, 1.25, 1.5)  # common factors tried on every stored range (1.0: as deployed)
 
@@ -158,12 +156,7 @@ def main(argv=None) -> int:
            "image_size": int(test_imgs.shape[-1]), "calibration_images": len(cal_imgs),
            "test_images": len(test_imgs), "calibration_speakers": sorted(half),
            "stack_rel_l2": stack, "layers": layers(deployed, features, test_imgs, cal)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"conv-int8-error-{machine_name(torch.device('cpu'))}.json"
-    dest.write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
-    print(f"wrote {dest}", file=sys.stderr)
+    save_json(res, args.out, f"conv-int8-error-{machine_name(torch.device('cpu'))}")
     return 0
 
 

@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -644,6 +645,17 @@ def measure_checkpoint(path: Path, device: torch.device, precision: str, audio: 
                        "normalization": model.frontend_config.normalization, "arch": model.model_config.arch,
                        "labels": len(model.labels), "date": time.strftime("%Y-%m-%d %H:%M")}
     return key, b
+
+
+def save_json(result: dict, out: Path | str, name: str) -> Path:
+    """Write ``result`` as ``out/<name>.json`` (folders made), print it and where it went; the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+    return path
 
 
 def _results_path(out: Path, name: str, smoke: bool) -> Path:

@@ -7,9 +7,9 @@ Its 16 kHz network is rebuilt from that file's weights as :class:`SileroNet`, a
 plain module with no state of its own (checked against the TorchScript model when
 it is loaded): every stream's :class:`SpeechDetector` holds its recurrent state,
 so one shared network scores any number of streams, from any thread. One stream's
-chunks are scored on one thread (on 2 busy threads the tiny ops cost 80 ms a chunk
-here instead of 0.3 ms); the chunks of many streams scored together use all
-threads, as an engine hop does (``stream_ser.openmp.hop_threads``).
+chunks are scored on one thread (tiny ops split over 2 busy threads wait for the
+second worker: 80 ms a chunk here once); the chunks of many streams scored together
+use all threads, as an engine hop does (``stream_ser.openmp.hop_threads``).
 
 A window counts as speech when at least :data:`MIN_SPEECH_FRACTION` of its
 chunks have a speech probability above :data:`SPEECH_PROB`; otherwise it gets no

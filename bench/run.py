@@ -41,7 +41,7 @@ from stream_ser.engine import MultiStreamEngine
 from stream_ser.gcpause import startup_objects_frozen
 from stream_ser.model import CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, half_precision_cnn, quantize_for_cpu
 from stream_ser.protocol import percentiles
-from stream_ser.recognizer import PaddingCache, StreamingRecognizer, embed_and_project
+from stream_ser.recognizer import PaddingCache, StreamingRecognizer, embed_and_project, warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
 EMODB = Path(os.environ.get("STREAM_SER_EMODB", ROOT.parent / "shared" / "data" / "emodb")) / "wav"
@@ -601,8 +601,7 @@ def measure_model(model, audio: list[np.ndarray], long_file: Path, long_audio: n
     """Figures 1-4 for one model: per-hop latency, websocket end to end, the cache's worth, capacity; with
     the start-up objects frozen out of the garbage collector's full collections, as `stream-ser live` runs."""
     with startup_objects_frozen():
-        with torch.no_grad():
-            model.embed(torch.zeros(2, 3, 64, 64, device=model.device))  # warm-up
+        warm_up(model)  # as `stream-ser live` does before serving
         b = {"inference": model.meta.get("inference")}
         b["hop_latency"] = _median_of([hop_latency(model, audio) for _ in range(repeats)])
         print(f"  hop latency total {b['hop_latency']['total']}", flush=True)

@@ -578,3 +578,17 @@ class StreamingRecognizer:
     def counters(self) -> dict[str, int]:
         return {"segments_seen": self.segments_seen, "segments_embedded": self.segments_embedded,
                 "embedder_calls": self.embedder_calls, "predictions": self.predictions}
+
+
+def warm_up(model: EmotionModel, vad: bool = True) -> list[Prediction]:
+    """Run one throwaway stream through the live path, hop by hop, over a full window and a hop more of quiet
+    noise (partial windows of 1 to 7 segments, then full ones), so that the first real stream does not pay
+    the one-time costs of these shapes: oneDNN's primitives on a CPU, cuDNN's plans and the allocator's
+    pools on a GPU (where partial-window hops carried one stream's p99 outliers, 2026-11-26). Nothing of it
+    is kept: its recognizer, padding cache and statistics are its own. Returns its predictions; ValueError for a
+    model that cannot run live (as :class:`StreamingRecognizer`)."""
+    cfg = model.frontend_config
+    n = cfg.segment_samples + cfg.segments_per_utterance * cfg.shift_samples
+    noise = np.random.default_rng(0).normal(0.0, 0.01, n).astype(np.float32)
+    rec = StreamingRecognizer(model, stream="warm-up", vad=vad, padding_cache=PaddingCache())
+    return [p for i in range(0, n, cfg.shift_samples) for p in rec.push(noise[i:i + cfg.shift_samples])]

@@ -187,3 +187,25 @@ def test_stream_on_cuda_equals_cpu(model, audio):
     gpu_model.load_state_dict(model.state_dict())
     gpu = StreamingRecognizer(gpu_model.to("cuda")).push(audio)
     np.testing.assert_allclose([p.confidence for p in gpu], [p.confidence for p in cpu], atol=1e-3)
+
+
+def test_warm_up_runs_partial_and_full_windows_and_leaves_no_trace(audio):
+    """`stream-ser live` (and the benchmark) run one throwaway stream before serving, so the first real one
+    does not pay one-time costs: it goes through partial windows and full ones, and a stream afterwards
+    answers as on a model that was never warmed up."""
+    import copy
+
+    from stream_ser.recognizer import warm_up
+    torch.manual_seed(5)
+    cold = EmotionModel(FrontendConfig(image_size=64)).eval()
+    warm = copy.deepcopy(cold)
+    preds = warm_up(warm)
+    assert any(p.partial for p in preds) and any(not p.partial for p in preds)
+    assert all(p.stream == "warm-up" and not p.speech for p in preds)  # quiet noise: no emotion, still predicted
+    a = StreamingRecognizer(cold).push(audio)
+    b = StreamingRecognizer(warm).push(audio)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose([list(p.probabilities.values()) for p in b],
+                               [list(p.probabilities.values()) for p in a], atol=1e-6)
+    with pytest.raises(ValueError, match="cannot run live"):
+        warm_up(EmotionModel(FrontendConfig(normalization="utterance")))

@@ -3,8 +3,10 @@
     python -m bench.profile_engine --device cuda --streams 256 --image-size 227 [--normalization speaker]
     python -m bench.profile_engine --streams 256 --checkpoint bundled   # the model `stream-ser live` runs
 
-Prints the milliseconds per hop and the functions by own time and by cumulative time. Used to find what
-bounds the engine's stream count (docs/benchmarks.md); a profile, not a benchmark figure.
+Prints the milliseconds per hop, where they go by phase (the engine's batched stages, and the work done
+stream by stream: what bounds the stream count once the batched stages are cheap, as on a GPU), then the
+functions by own time and by cumulative time. Used to find what bounds the engine's stream count
+(docs/benchmarks.md); a profile, not a benchmark figure.
 """
 
 from __future__ import annotations
@@ -22,6 +24,30 @@ from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig, ModelConfig
 from stream_ser.engine import MultiStreamEngine
 from stream_ser.model import EmotionModel
+
+
+# the engine hop's batched stages: (label, module file, function), each called once a hop from the engine
+PHASES = (("speech detection (all streams' chunks)", "stream_ser/vad.py", "score_queued"),
+          ("log-Mel frames (all streams)", "stream_ser/recognizer.py", "compute_frames"),
+          ("segments: deltas, statistics, normalisation", "stream_ser/recognizer.py", "make_segments"),
+          ("CNN embedding and head projection", "stream_ser/recognizer.py", "embed_and_project"),
+          ("head over the windows", "stream_ser/model.py", "infer"))
+
+
+def phases(stats: pstats.Stats, hops: int, streams: int) -> list[tuple[str, float]]:
+    """(label, ms per hop) of each batched stage, the rest of the engine's step, and the own time of every
+    function called at least once per stream per hop (the work done stream by stream, wherever it runs)."""
+    raw = stats.stats  # {(file, line, function): (primitive calls, calls, own s, cumulative s, callers)}
+
+    def cum(path: str, fn: str) -> float:
+        return sum(v[3] for k, v in raw.items() if k[0].endswith(path) and k[2] == fn)
+
+    out = [(label, 1e3 * cum(path, fn) / hops) for label, path, fn in PHASES]
+    step = 1e3 * cum("stream_ser/engine.py", "_step") / hops
+    out.append(("the rest of the engine's step", step - sum(ms for _, ms in out)))
+    per_stream = sum(v[2] for v in raw.values() if v[1] >= streams * hops)
+    out.append(("own time of functions called once per stream or more", 1e3 * per_stream / hops))
+    return out
 
 
 def main(argv=None) -> int:
@@ -79,6 +105,8 @@ def main(argv=None) -> int:
     print(f"{dev} {args.streams} streams, {args.image_size} px, {args.normalization} normalisation: "
           f"{ms:.1f} ms per hop (profiled)")
     stats = pstats.Stats(prof)
+    for label, phase_ms in phases(stats, args.hops, args.streams):
+        print(f"  {label:55s} {phase_ms:8.1f} ms a hop ({1e3 * phase_ms / args.streams:6.1f} us a stream)")
     stats.sort_stats("tottime").print_stats(args.top)
     stats.sort_stats("cumulative").print_stats(args.top)
     return 0

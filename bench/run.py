@@ -559,6 +559,13 @@ CPU_NOTES = [
     "speech detection 2.5 -> 1.0 ms a hop, the whole push 6.1 -> 3.9 ms. This benchmark's one stream is fed 20 "
     "ms at a time, which spreads the detection over the pushes before a hop, so it moved little (p50 3.27 -> "
     "3.22 ms, p99 4.36 -> 4.11). Capacity 384 -> 448 streams (512 missed: p99 330 ms).",
+    "- 2026-11-27, where a hop of 256 bundled-model streams goes now (`python -m bench.profile_engine "
+    "--checkpoint bundled --streams 256`, which now prints it by phase; 160 ms a hop under the profiler): speech "
+    "detection 29 ms, log-Mel frames 25, segments (deltas, speaker statistics, normalisation) 46, CNN embedding "
+    "and head projection 26, the head 14, the rest of the engine's step 19. The functions called once per "
+    "stream or more take 48 ms of that as their own time, 0.19 ms a stream: on a GPU, where the batched stages "
+    "shrink, that alone would fill a 320 ms hop at about 1700 streams, so issue 12's 2000 streams need the "
+    "per-stream state held as batched tensors.",
     "",
 ]
 

@@ -23,4 +23,4 @@ python3 -m bench.run --device cuda --precision fp16 --image-sizes 227 --repeats 
 python3 -m bench.run --device cuda --checkpoint bundled --repeats 1 --ladder 1 256 512 1024 2048 \
     --out "$DEST/bench" --docs "$DEST/benchmarks.md" > "$DEST/bench-bundled.log" 2>&1; tail -8 "$DEST/bench-bundled.log"
 python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 1024 --hops 5 --top 30 \
-    > "$DEST/profile-bundled-1024.log" 2>&1; head -1 "$DEST/profile-bundled-1024.log"
+    > "$DEST/profile-bundled-1024.log" 2>&1; head -8 "$DEST/profile-bundled-1024.log"

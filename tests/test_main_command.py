@@ -172,3 +172,8 @@ def test_bench_profile_engine_profiles_the_bundled_model(emodb_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     # the checkpoint's own image size and normalisation, not the options' defaults (227 px, per segment)
     assert re.search(r"cpu 3 streams, 64 px, speaker normalisation: [\d.]+ ms per hop", r.stdout), r.stdout[:500]
+    # the hop by phase: each batched stage ran (time > 0), and the work done stream by stream is counted
+    from bench.profile_engine import PHASES
+    found = {m[1]: float(m[2]) for m in re.finditer(r"^  (.+?)\s+(-?[\d.]+) ms a hop", r.stdout, re.M)}
+    assert all(found.get(label, 0) > 0 for label, _, _ in PHASES), r.stdout[:1500]
+    assert found["own time of functions called once per stream or more"] > 0

@@ -302,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 enroll = load_audio(args.enroll, model.frontend_config.sample_rate).numpy()
             except AudioError as e:
                 raise ValueError(f"--enroll: {e}") from None
-        if model.frontend_config.normalization != "utterance":  # (LiveApp refuses that one, saying why)
-            warm_up(model, vad=args.vad)  # before the microphone opens: the first hops as fast as the rest
+        warm_up(model, vad=args.vad)  # before the microphone opens: the first hops as fast as the rest
         source = open_source(args)
         app = LiveApp(model, source, args.host, args.port, args.token, dashboard=args.dashboard and not args.quiet,
                       log_lines=not args.dashboard and not args.quiet, wait_for_subscriber=args.wait_for_subscriber,

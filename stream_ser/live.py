@@ -22,6 +22,7 @@ import numpy as np
 
 from .capture import POLL_S
 from .engine import MultiStreamEngine
+from .recognizer import check_streamable
 from .server import Broadcaster, Client, FlowControl, ProducerLimits
 
 STATUS_EVERY_S = 1.0
@@ -163,9 +164,7 @@ class LiveApp:
                  dashboard: bool = True, log_lines: bool = False, wait_for_subscriber: bool = False,
                  queue_size: int = 256, producers: bool = False, limits: ProducerLimits | None = None,
                  out=None, console=None, adapt: bool = True, enroll=None, vad: bool = True):
-        if model.frontend_config.normalization == "utterance":
-            raise ValueError("this model normalises whole utterances (the paper's preprocessing) and cannot "
-                             "stream; retrain it with --normalization speaker, segment or corpus")
+        check_streamable(model)
         self.model = model
         self.source = source
         self.engine = MultiStreamEngine(model)

@@ -388,6 +388,14 @@ def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
     return [out[id(st)] for st in streams]
 
 
+def check_streamable(model: EmotionModel) -> None:
+    """ValueError, saying why, for a model that cannot run live: one that normalises whole utterances."""
+    if model.frontend_config.normalization == "utterance":
+        raise ValueError("this model normalises whole utterances (the paper's preprocessing), so it cannot run "
+                         "live: it cannot stream without the whole utterance. Retrain it with --normalization "
+                         "speaker, segment or corpus")
+
+
 class StreamingRecognizer:
     """``push(samples) -> list[Prediction]``, ``reset()``; counters prove each segment is embedded once.
 
@@ -397,9 +405,7 @@ class StreamingRecognizer:
 
     def __init__(self, model: EmotionModel, stream: str | None = None, adapt: bool = True, vad: bool = True,
                  partial: bool = True, padding_cache: PaddingCache | None = None):
-        if model.frontend_config.normalization == "utterance":
-            raise ValueError("this model normalises whole utterances (the paper's preprocessing); it cannot run "
-                             "live. Train with --normalization segment or corpus.")
+        check_streamable(model)
         self.model = model.eval()
         self.labels = list(model.labels)
         self.cfg = model.frontend_config
@@ -586,7 +592,7 @@ def warm_up(model: EmotionModel, vad: bool = True) -> list[Prediction]:
     the one-time costs of these shapes: oneDNN's primitives on a CPU, cuDNN's plans and the allocator's
     pools on a GPU (where partial-window hops carried one stream's p99 outliers, 2026-11-26). Nothing of it
     is kept: its recognizer, padding cache and statistics are its own. Returns its predictions; ValueError for a
-    model that cannot run live (as :class:`StreamingRecognizer`)."""
+    model that cannot run live (:func:`check_streamable`)."""
     cfg = model.frontend_config
     n = cfg.segment_samples + cfg.segments_per_utterance * cfg.shift_samples
     noise = np.random.default_rng(0).normal(0.0, 0.01, n).astype(np.float32)

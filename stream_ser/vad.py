@@ -267,8 +267,9 @@ def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
         dets = [detectors[i] for i in active]
         lengths = [counts[i] for i in active]
         n, rounds, cs = len(dets), lengths[0], net.context_samples
+        even = lengths[-1] == rounds  # every detector has the same number of chunks queued (the usual hop)
         with intra_op_threads(hop_threads(n)), torch.inference_mode():
-            if lengths[-1] == rounds:
+            if even:
                 chunks = torch.stack([d._queued for d in dets])  # [n, rounds, 512]
             else:
                 chunks = torch.zeros(n, rounds, CHUNK_SAMPLES)
@@ -276,7 +277,7 @@ def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
                     chunks[k, :lengths[k]] = d._queued
             context = torch.cat([torch.cat([d._context for d in dets])[:, None], chunks[:, :-1, -cs:]], 1)
             x = torch.cat([context, chunks], 2)  # [n, rounds, cs + 512]: each chunk after its context
-            if lengths[-1] == rounds:
+            if even:
                 feats = net.encode(x.view(n * rounds, -1)).view(n, rounds, -1)
             else:  # only real chunks (row-major: stream by stream, each in order)
                 valid = torch.arange(rounds)[None] < torch.tensor(lengths)[:, None]

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from stream_ser.allocator import keep_freed_memory
 from stream_ser.openmp import intra_op_threads, prefer_passive_wait
 
 prefer_passive_wait()  # as `stream-ser` runs
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=None, help="EMO-DB files for the front-end (default: all)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bounds"))
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as the console scripts run (stream_ser.allocator)
     audio = [load_audio(f).numpy() for f in _files(12, min_s=3.5)]
     res = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bench.run import _checkpoint_path, _files
+from stream_ser.allocator import keep_freed_memory
 from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig, ModelConfig
 from stream_ser.engine import MultiStreamEngine
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hops", type=int, default=10, help="profiled hops (after 3 unprofiled ones)")
     ap.add_argument("--top", type=int, default=20, help="functions listed per ordering")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as the console scripts run (stream_ser.allocator)
     dev = torch.device(args.device)
     if args.checkpoint:
         from stream_ser.model import load_checkpoint

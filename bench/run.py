@@ -35,6 +35,7 @@ prefer_passive_wait()  # measure what `stream-ser` runs (stream_ser/cli.py sets 
 
 import torch  # noqa: E402  (after the OpenMP policy, which libgomp reads once when torch loads)
 
+from stream_ser.allocator import keep_freed_memory
 from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig
 from stream_ser.engine import MultiStreamEngine
@@ -703,6 +704,7 @@ def main(argv=None) -> int:
                     help="measure only the front-end against librosa and update that figure in this machine's "
                          "existing results (the other figures are kept)")
     args = ap.parse_args(argv)
+    keeps_freed = keep_freed_memory()  # as the console scripts run (stream_ser.allocator)
     device = torch.device(args.device)
     torch.manual_seed(0)
     smoke = args.smoke
@@ -716,7 +718,7 @@ def main(argv=None) -> int:
     repeats = 1 if smoke else args.repeats
     machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(),
                "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "keeps_freed_memory": keeps_freed}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     if args.precision == "int8" and device.type != "cpu":
@@ -740,6 +742,7 @@ def main(argv=None) -> int:
     if checkpoint is not None:
         key, b = measure_checkpoint(checkpoint, device, precision, audio, long_file, long_audio, ladder, repeats,
                                     smoke)
+        b["keeps_freed_memory"] = keeps_freed
         result.setdefault("models", {})[key] = b
         return _write_results(result, out, docs, smoke)
     for size in args.image_sizes:

@@ -9,6 +9,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from stream_ser import allocator
+
 from .augment import SPEED_SETS
 from .corpora import CorpusError, load_corpus
 from .train import PRESETS, config_from_args
@@ -289,6 +291,7 @@ def pretrain_cnn(args, cfg, corpus, out: Path, device, log, progress):
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator.keep_freed_memory()  # a training step's activations reused, not faulted in anew (stream_ser.allocator)
     args = build_parser().parse_args(argv)
     if args.cmd == "report":
         from .report import compare, write_report

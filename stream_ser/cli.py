@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from . import allocator
 from .openmp import prefer_passive_wait
 
 EPILOG = """examples:
@@ -250,6 +251,7 @@ def run_file_mode(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     prefer_passive_wait()  # before torch loads: on a busy machine spinning OpenMP workers cost each hop ms
+    allocator.keep_freed_memory()  # large temporaries of a hop reused, not faulted in anew (stream_ser.allocator)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # name the subcommand whose flag was mistyped, with its usage, not the top-level one

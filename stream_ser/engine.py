@@ -137,5 +137,5 @@ class MultiStreamEngine:
                 alpha = alpha.cpu().numpy()
                 head_ms = 1e3 * (time.perf_counter() - t0)
                 self.head_batches.append(len(batch))
-                preds += [rec.make_prediction(probs[j], alpha[j], head_ms) for j, rec in enumerate(batch)]
+                preds += [rec.make_prediction(p, a, head_ms) for rec, p, a in zip(batch, probs.tolist(), alpha.tolist())]
         return preds

@@ -53,6 +53,12 @@ def _deltas(x: torch.Tensor, n: int) -> torch.Tensor:
     return out / (2 * sum(k * k for k in range(1, n + 1)))
 
 
+def frame_mean_square(frames: torch.Tensor) -> torch.Tensor:
+    """[..., win] raw frames -> [...] their mean square in float64 (the level meter's and the energy
+    gate's measure: the same numbers whether a recording is framed whole or a stream hop by hop)."""
+    return frames.double().square().mean(dim=-1)
+
+
 class Frontend(nn.Module):
     """Log-Mel / delta / delta-delta segments and their CNN images.
 
@@ -104,20 +110,26 @@ class Frontend(nn.Module):
         power = spec.real.square() + spec.imag.square()
         return (power @ self.mel_fb).clamp_min_(cfg.log_floor).log_()  # [..., M]
 
-    def log_mel_many(self, waves) -> list[torch.Tensor]:
+    def log_mel_many(self, waves, energy: bool = False):
         """Several waveforms (a list of [N_i]) -> their log-Mel frames, a list of [T_i, M] (:meth:`log_mel`
         of each, transposed), through one FFT and one filterbank product: a frame depends on its own
-        samples only, so batching changes nothing but the number of calls."""
+        samples only, so batching changes nothing but the number of calls. The waveforms are joined on the
+        host and moved in one copy (one per waveform was a transfer per live stream a hop on a GPU).
+
+        ``energy``: also each frame's mean square (:func:`frame_mean_square`, [T_i] float64 on the CPU) ->
+        (log-Mel list, energy list): the live level meter's, from the same frames in one call."""
         cfg = self.config
-        frames, counts = [], []
-        for w in waves:
-            w = w.reshape(-1).to(self.window)
-            counts.append(cfg.frames_for(w.numel()))
-            if counts[-1]:
-                frames.append(w.unfold(0, cfg.win_length, cfg.hop_length))
-        log_mel = (self._log_mel_frames(torch.cat(frames)) if frames
-                   else self.window.new_zeros(0, cfg.n_mels))  # [sum T_i, M]
-        return list(log_mel.split(counts))
+        waves = [w.reshape(-1) for w in waves]
+        counts = [cfg.frames_for(w.numel()) for w in waves]
+        lengths = [w.numel() for w in waves]
+        joined = (torch.cat(waves) if len(waves) > 1 else waves[0]).to(self.window) if waves else self.window[:0]
+        frames = [w.unfold(0, cfg.win_length, cfg.hop_length) for w, c in zip(joined.split(lengths), counts) if c]
+        frames = torch.cat(frames) if frames else self.window.new_zeros(0, cfg.win_length)  # [sum T_i, win]
+        log_mel = self._log_mel_frames(frames) if len(frames) else self.window.new_zeros(0, cfg.n_mels)
+        log_mel = list(log_mel.split(counts))  # [T_i, M] each
+        if not energy:
+            return log_mel
+        return log_mel, list(frame_mean_square(frames).cpu().split(counts))
 
     def segments_many(self, waves, stats=None) -> list[torch.Tensor]:
         """Whole files of any lengths at once: a list of [N_i] -> a list of segments [S_i, C, M, L], each

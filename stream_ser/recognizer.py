@@ -17,6 +17,7 @@ turns samples into segments (per-stream state only); the model calls happen in
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ import torch
 
 from .adaptation import RunningStats, Stats, moments_each, speech_frames
 from .audio import check_samples
+from .features import frame_mean_square
 from .model import EmotionModel
 from .openmp import embedding_threads, intra_op_threads
 from .vad import MIN_SPEECH_FRACTION, SpeechDetector, frame_mask, score_queued
@@ -35,11 +37,11 @@ MIN_SPEECH_ACTIVITY = 0.1  # with vad off: fewer such frames in a window than th
 
 
 def frame_energy(x: np.ndarray, win: int = 400, hop: int = 160) -> np.ndarray:
-    """Mean square of each STFT frame (``win`` samples every ``hop``) of x [N] -> [T] (float64)."""
+    """Mean square of each STFT frame (``win`` samples every ``hop``) of x [N] -> [T] (float64): a whole
+    recording's; a live stream's come with its log-Mel frames (:func:`compute_frames`), the same numbers."""
     if x.size < win:
         return np.zeros(0, np.float64)
-    frames = np.lib.stride_tricks.sliding_window_view(x, win)[::hop]
-    return np.square(frames, dtype=np.float64).mean(axis=1)
+    return frame_mean_square(torch.from_numpy(np.asarray(x, np.float32)).unfold(0, win, hop)).numpy()
 
 
 def _dbfs(mean_square: np.ndarray | float) -> np.ndarray | float:
@@ -253,14 +255,14 @@ class SegmentStream:
         k = cfg.frames_for(self._buf.size)
         return self._buf[: (k - 1) * cfg.hop_length + cfg.win_length] if k > 0 else None
 
-    def _add_frames(self, span: np.ndarray, log_mel: torch.Tensor) -> None:
-        """Append the log-Mel frames [M, k] of ``span``; drop the samples no later frame needs."""
-        cfg = self.cfg
+    def _add_frames(self, log_mel: torch.Tensor, energy: torch.Tensor) -> None:
+        """Append the log-Mel frames [M, k] the buffer completes and their mean squares [k] (float64);
+        drop the samples no later frame needs."""
         k = log_mel.shape[1]
-        self._energy = np.concatenate([self._energy, frame_energy(span, cfg.win_length, cfg.hop_length)])
+        self._energy = np.concatenate([self._energy, energy.numpy()])
         self._frames = torch.cat([self._frames, log_mel], dim=1)
         self.n_frames += k
-        self._buf = self._buf[k * cfg.hop_length:]
+        self._buf = self._buf[k * self.cfg.hop_length:]
 
     def segments(self) -> list[Segment]:
         """The segments the frames ingested so far complete (each once)."""
@@ -283,18 +285,20 @@ class SegmentStream:
             return None
         return torch.from_numpy(segment_speech_mask(*self.vad.history(), s, self.cfg))
 
-    def _finish(self, s: int, seg: torch.Tensor, frontend_s: float, adaptation: dict | None) -> Segment:
-        """Segment ``s`` with its normalised features [C, M, L] and ``adaptation`` (the statistics it was
-        normalised with, from :func:`_adapt_each`): its activity, level and arrival, and the frames before the
-        next segment's start let go."""
+    def _energy_of(self, s: int) -> np.ndarray:
+        """[L] the mean square of each frame of segment ``s`` (float64; not let go yet)."""
+        a = s * self.cfg.segment_shift - self._frames_start
+        return self._energy[a: a + self.cfg.segment_frames]
+
+    def _finish(self, s: int, seg: torch.Tensor, frontend_s: float, adaptation: dict | None,
+                level: float, activity: float | None) -> Segment:
+        """Segment ``s`` with its normalised features [C, M, L], ``adaptation`` (the statistics it was
+        normalised with, from :func:`_adapt_each`), its ``level`` (dBFS) and, without a speech detector,
+        its ``activity`` (share of frames over the level gate): its speech activity and arrival, and the
+        frames before the next segment's start let go."""
         cfg = self.cfg
-        a = s * cfg.segment_shift - self._frames_start
-        energy = self._energy[a: a + cfg.segment_frames]
         if self.vad is not None:
             activity = self.vad.speech_fraction(s * cfg.shift_samples, s * cfg.shift_samples + cfg.segment_samples)
-        else:
-            activity = float((_dbfs(energy) > ACTIVITY_THRESHOLD_DBFS).mean())
-        level = float(_dbfs(energy.mean()))
         # arrival of the segment's last sample
         last = s * cfg.shift_samples + cfg.segment_samples
         while len(self._arrivals) > 1 and self._arrivals[0][0] < last:
@@ -320,11 +324,11 @@ def compute_frames(streams: list[SegmentStream]) -> None:
     if not todo:
         return
     t0 = time.perf_counter()
-    with torch.no_grad():
-        lms = todo[0][0].frontend.log_mel_many([torch.from_numpy(span) for _, span in todo])  # [k_i, M] each
+    with torch.no_grad():  # [k_i, M] and [k_i] each
+        lms, energies = todo[0][0].frontend.log_mel_many([torch.from_numpy(span) for _, span in todo], energy=True)
     share = (time.perf_counter() - t0) / len(todo)
-    for (st, span), x in zip(todo, lms):
-        st._add_frames(span, x.T)
+    for (st, _), x, e in zip(todo, lms, energies):
+        st._add_frames(x.T, e)
         st._frontend_s += share
 
 
@@ -381,10 +385,14 @@ def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
             n, sm, ss = moments_each(raw_cpu, torch.stack(masks))
             mean, std, infos = _adapt_each(jobs, n, sm, ss)
             feats = fe.normalize(raw, (mean, std))
+        # every segment's level, and its activity by the level gate, in one call (before _finish lets go)
+        energy = np.stack([st._energy_of(s) for st, s, _ in jobs])  # [N, L]
+        levels = _dbfs(energy.mean(axis=1)).tolist()
+        gated = (_dbfs(energy) > ACTIVITY_THRESHOLD_DBFS).mean(axis=1).tolist()
     share = (time.perf_counter() - t0) / len(jobs)
     out: dict[int, list[Segment]] = {id(st): [] for st in streams}
-    for (st, s, _), f, info in zip(jobs, feats, infos):
-        out[id(st)].append(st._finish(s, f, share, info))
+    for (st, s, _), f, info, level, activity in zip(jobs, feats, infos, levels, gated):
+        out[id(st)].append(st._finish(s, f, share, info, level, activity))
     return [out[id(st)] for st in streams]
 
 
@@ -553,12 +561,15 @@ class StreamingRecognizer:
     def window_segments(self) -> list[Segment]:
         return [s for _, s in self._cache]
 
-    def make_prediction(self, probs: np.ndarray, alpha: np.ndarray, head_ms: float) -> Prediction:
+    def make_prediction(self, probs, alpha, head_ms: float) -> Prediction:
+        """The prediction for the cached window from the head's class probabilities [K] and attention over
+        its segments [8] (arrays or lists: an engine converts a whole batch to lists in one call each)."""
         segs = self.window_segments()
         first, last = segs[0], segs[-1]
         sr = self.cfg.sample_rate
-        top = int(np.argmax(probs))
-        activity = float(np.mean([s.activity for s in segs]))
+        probs = probs.tolist() if isinstance(probs, np.ndarray) else probs
+        top = max(range(len(probs)), key=probs.__getitem__)  # the first of equal maxima, as np.argmax
+        activity = math.fsum(s.activity for s in segs) / len(segs)
         speech = activity >= self.min_speech
         self._seq += 1
         self.predictions += 1
@@ -566,9 +577,9 @@ class StreamingRecognizer:
             seq=self._seq,
             window_start_s=first.index * self.cfg.shift_samples / sr,
             window_end_s=(last.index * self.cfg.shift_samples + self.cfg.segment_samples) / sr,
-            probabilities={lab: float(p) for lab, p in zip(self.labels, probs)},
-            label=self.labels[top] if speech else None, confidence=float(probs[top]),
-            attention=[float(a) for a in alpha],
+            probabilities=dict(zip(self.labels, probs)),
+            label=self.labels[top] if speech else None, confidence=probs[top],
+            attention=alpha.tolist() if isinstance(alpha, np.ndarray) else list(alpha),
             speech_activity=activity,
             level_dbfs=last.level_dbfs,
             timings_ms={"frontend": last.frontend_ms, "embed": last.embed_ms, "head": head_ms,

@@ -1,0 +1,63 @@
+"""Large freed blocks kept in the process (why and what it buys: stream_ser/allocator.py). Each check runs
+in a fresh interpreter: the setting is process-wide and cannot be undone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# page faults while making and dropping ten 64 MiB tensors, after three to warm up (4 KiB pages: 16 384 a
+# tensor when each comes from the kernel afresh; with freed memory kept, the warm-up's heap serves them)
+PROBE = """
+import json, resource, sys, torch
+from stream_ser.allocator import keep_freed_memory
+{call}
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    torch.ones(16 << 20).sum()
+f0 = faults()
+for _ in range(10):
+    torch.ones(16 << 20).sum()
+print(json.dumps({{"set": ok, "faults": faults() - f0}}))
+"""
+
+
+def _probe(call: str, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE.format(call=call)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, **(env or {})}, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
+def test_kept_blocks_are_reused_without_page_faults():
+    default = _probe("ok = None")
+    kept = _probe("ok = keep_freed_memory()")
+    assert kept["set"] is True
+    assert default["faults"] > 10 * 1000  # each tensor's pages from the kernel again (unmapped when freed)
+    # kept: the heap grows at most once or twice more (a small block may land in the freed space first)
+    assert kept["faults"] < default["faults"] / 4
+
+
+def test_a_choice_made_in_the_environment_stands():
+    r = _probe("ok = keep_freed_memory()", {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert r["set"] is False
+    assert r["faults"] > 10 * 1000  # the environment's small threshold is the one in force
+
+
+def test_the_console_scripts_set_it(monkeypatch):
+    import stream_ser.allocator as allocator
+    from offline import cli as offline_cli
+    from stream_ser import cli
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda *a: calls.append(True) or True)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    with pytest.raises(SystemExit):
+        offline_cli.main(["--help"])
+    assert len(calls) == 2

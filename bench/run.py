@@ -297,6 +297,7 @@ def write_markdown(results_dir: Path, out: Path) -> None:
         L += [f"## {r['name']}", "", f"{m['cpu']} · {m['threads']} torch threads · device `{m['device']}`"
               + f" · **{m.get('precision', 'fp32')}**"
               + (f" ({m['gpu']})" if m.get("gpu") else "") + f" · torch {m['torch']} · {r['date']}"
+              + (" · freed memory kept (`stream_ser.allocator`)" if m.get("keeps_freed_memory") else "")
               + (" · **smoke run (tiny, not a measurement)**" if r.get("smoke") else ""), ""]
         for size, b in r["models"].items():
             h = b["hop_latency"]

@@ -2,11 +2,13 @@
 
     python -m bench.profile_engine --device cuda --streams 256 --image-size 227 [--normalization speaker]
     python -m bench.profile_engine --streams 256 --checkpoint bundled   # the model `stream-ser live` runs
+    python -m bench.profile_engine --streams 512 --checkpoint bundled --timing [--default-malloc]  # hop times
 
 Prints the milliseconds per hop, where they go by phase (the engine's batched stages, and the work done
 stream by stream: what bounds the stream count once the batched stages are cheap, as on a GPU), then the
 functions by own time and by cumulative time. Used to find what bounds the engine's stream count
-(docs/benchmarks.md); a profile, not a benchmark figure.
+(docs/benchmarks.md); a profile, not a benchmark figure. With ``--timing``, no profile: the median and
+fastest hop, for comparing two versions or settings run one after the other.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 
 import numpy as np
@@ -24,6 +27,7 @@ from stream_ser.allocator import keep_freed_memory
 from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig, ModelConfig
 from stream_ser.engine import MultiStreamEngine
+from stream_ser.gcpause import startup_objects_frozen
 from stream_ser.model import EmotionModel
 
 
@@ -65,8 +69,14 @@ def main(argv=None) -> int:
                          "with stream_ser) instead of an untrained one built from the options above")
     ap.add_argument("--hops", type=int, default=10, help="profiled hops (after 3 unprofiled ones)")
     ap.add_argument("--top", type=int, default=20, help="functions listed per ordering")
+    ap.add_argument("--timing", action="store_true",
+                    help="no profile: time each hop alone (inside the collector freeze, as `stream-ser live` runs) "
+                         "and print the median and the fastest; for before/after comparisons, run alternately")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc thresholds as they are, to measure what stream_ser.allocator buys")
     args = ap.parse_args(argv)
-    keep_freed_memory()  # as the console scripts run (stream_ser.allocator)
+    if not args.default_malloc:
+        keep_freed_memory()  # as the console scripts run (stream_ser.allocator)
     dev = torch.device(args.device)
     if args.checkpoint:
         from stream_ser.model import load_checkpoint
@@ -97,6 +107,17 @@ def main(argv=None) -> int:
 
     for h in range(3):  # warm-up: caches, cuDNN plans
         hop(h)
+    if args.timing:
+        times = []
+        with startup_objects_frozen():
+            for h in range(3, 3 + args.hops):
+                t0 = time.perf_counter()
+                hop(h)
+                times.append(1e3 * (time.perf_counter() - t0))
+        print(f"{dev} {args.streams} streams, {args.image_size} px, {args.normalization} normalisation, "
+              f"{'default' if args.default_malloc else 'kept'} freed memory: median {statistics.median(times):.1f} "
+              f"ms, fastest {min(times):.1f} ms a hop over {args.hops} hops")
+        return 0
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()

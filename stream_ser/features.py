@@ -55,8 +55,10 @@ def _deltas(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def frame_mean_square(frames: torch.Tensor) -> torch.Tensor:
     """[..., win] raw frames -> [...] their mean square in float64 (the level meter's and the energy
-    gate's measure: the same numbers whether a recording is framed whole or a stream hop by hop)."""
-    return frames.double().square().mean(dim=-1)
+    gate's measure: the same numbers whether a recording is framed whole or a stream hop by hop). The norm
+    accumulates in float64 without a float64 copy of the frames (half the time of squaring one, and at 512
+    live streams that copy was 52 MB a hop)."""
+    return torch.linalg.vector_norm(frames, dim=-1, dtype=torch.float64).square() / frames.shape[-1]
 
 
 class Frontend(nn.Module):

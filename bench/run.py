@@ -568,6 +568,24 @@ CPU_NOTES = [
     "stream or more take 48 ms of that as their own time, 0.19 ms a stream: on a GPU, where the batched stages "
     "shrink, that alone would fill a 320 ms hop at about 1700 streams, so issue 12's 2000 streams need the "
     "per-stream state held as batched tensors.",
+    "- 2026-11-27, 07:29-07:37, the int8 and `default.pt` sections above: large freed blocks kept in the process "
+    "(`stream_ser.allocator.keep_freed_memory`, which `stream-ser`, `ser-offline` and these benchmarks call "
+    "first; glibc's mmap and trim thresholds at 1 GiB) and the engine's frame energies computed with its log-Mel "
+    "frames in one call. glibc had handed every large temporary back to the kernel when it was freed, so each "
+    "hop's FFT buffers (16 MiB at 256 streams) and each training step's activations came back with a page fault "
+    "per 4 KiB page. An engine hop of 512 bundled-model streams fed as fast as possible (`python -m "
+    "bench.profile_engine --checkpoint bundled --streams 512 --hops 20 --timing`, with and without "
+    "`--default-malloc`, run alternately, six pairs): median 215-240 ms kept against 290-316 ms with glibc's "
+    "defaults (before this session's change, a852b22: about 294 ms); peak memory at that load (max RSS) 2.5 -> "
+    "3.4 GiB, the cost. The log-Mel of 8192 frames on one thread 32 -> 11 ms. Stage-1 training, the rows above "
+    "against 04:36's: 227 px 46 -> 63 (batch 32) and 59 -> 81 (batch 128) segments/s, 112 px 72 -> 122 and 155 "
+    "-> 200. One stream: no difference (227 px, three alternating pairs of `hop_latency`, p50 6.3-6.5 ms either "
+    "way). Capacity near its edge moves by a rung between runs of the same code, so four runs after the change "
+    "(06:40-06:47, whose JSON the next run overwrote, figures from its log; 07:08-07:15 and 07:15-07:23 in "
+    "`bench/results/history/`; and 07:29-07:37, above; `bench.bounds` had the host's memory as fast as at 02:41 "
+    "throughout, though one-stream latencies drifted by 30 % between them): 227 px 192 / 224 / 160 / 192 streams "
+    "(before: 160), 112 px at least 448 / 384 / 448 / 512 (before: 384), the bundled model 512 / 448 / 448 / 512 "
+    "(before: 448). The per-hop medians above are the firmer figure.",
     "",
 ]
 

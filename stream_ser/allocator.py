@@ -7,14 +7,16 @@ kernel once it exceeds the trim threshold. Either way the next block of that siz
 kernel again, a page fault per 4 KiB page it touches. A live engine hop makes the same large
 temporaries every 320 ms (256 streams: 8192 frames of 512 samples, a 16 MiB FFT buffer, the spectrum,
 the power) and a training step larger ones (activations, gradients), so they paid those faults every
-time. Measured on this 2-core machine (2026-11-27): the log-Mel of 8192 frames 32 -> 11 ms, the
-frames' float64 energy 21 -> 2.5 ms, an engine hop of 256 bundled-model streams 120 -> 107 ms and of
-512 streams 250 -> 220 ms (medians), one stage-1 training step (32 images of 227 px) 659 -> 482 ms.
+time. Measured on this 2-core machine (2026-11-27): the log-Mel of 8192 frames on one thread 32 -> 11 ms;
+an engine hop of 512 bundled-model streams fed as fast as possible, median 290-316 -> 215-240 ms (``python
+-m bench.profile_engine --checkpoint bundled --streams 512 --hops 20 --timing``, with and without
+``--default-malloc``); one stage-1 training step (32 images of 227 px) 659 -> 482 ms.
 
-:func:`keep_freed_memory` raises both thresholds to 1 GiB, so freed blocks stay in the heap for the next
-hop or step. The cost: the process keeps the memory of its peak instead of returning it between peaks,
-which is what a server that repeats the same hop, or a training loop, holds anyway. The console scripts
-(``stream-ser``, ``ser-offline``) and the benchmarks call it first; a program using the Python API may.
+:func:`keep_freed_memory` raises both thresholds to 1 GiB (in one run, 256 MiB bought half the hop's
+gain, 64 MiB none), so freed blocks stay in the heap for the next hop or step. The cost: the process
+keeps the memory of its peak instead of returning it between peaks; at 512 streams its peak (max RSS)
+went from 2.5 to 3.4 GiB. The console scripts (``stream-ser``, ``ser-offline``) and the benchmarks call
+it first; a program using the Python API may.
 """
 
 from __future__ import annotations

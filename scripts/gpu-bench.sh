@@ -4,8 +4,9 @@
 #   1. the CUDA tests (CPU equals CUDA, fp16 on the GPU against fp32 on the CPU);
 #   2. what fp16 and bf16 change on the bundled model, on the GPU's kernels (EMO-DB, its training data);
 #   3. bench.run at 227 px in fp16 (the fp32 figures are the committed nvidia-*.json);
-#   4. the bundled model as `stream-ser live --device cuda` runs it (64 px, speaker normalisation), and where
-#      its engine hop goes at 1024 streams (bench.profile_engine).
+#   4. the bundled model as `stream-ser live --device cuda` runs it (64 px, speaker normalisation), where
+#      its engine hop goes at 1024 streams (bench.profile_engine), and its hop's median at 1024 and 2048
+#      streams fed as fast as possible (--timing: under 320 ms is what 2000 real-time streams need).
 # Writes under $OUT (the device's, else runs/gpu-bench): bench/<machine>[-fp16].json, agree-*.json, *.log.
 # Merge bench/*.json into bench/results/ here (the bundled model's section joins <machine>.json).
 set -u
@@ -24,3 +25,6 @@ python3 -m bench.run --device cuda --checkpoint bundled --repeats 1 --ladder 1 2
     --out "$DEST/bench" --docs "$DEST/benchmarks.md" > "$DEST/bench-bundled.log" 2>&1; tail -8 "$DEST/bench-bundled.log"
 python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 1024 --hops 5 --top 30 \
     > "$DEST/profile-bundled-1024.log" 2>&1; head -8 "$DEST/profile-bundled-1024.log"
+for n in 1024 2048; do
+  python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams $n --hops 10 --timing
+done 2>&1 | tee "$DEST/timing-bundled.log"

@@ -177,3 +177,19 @@ def test_bench_profile_engine_profiles_the_bundled_model(emodb_dir):
     found = {m[1]: float(m[2]) for m in re.finditer(r"^  (.+?)\s+(-?[\d.]+) ms a hop", r.stdout, re.M)}
     assert all(found.get(label, 0) > 0 for label, _, _ in PHASES), r.stdout[:1500]
     assert found["own time of functions called once per stream or more"] > 0
+
+
+@pytest.mark.parametrize("malloc", ["kept", "default"])
+def test_bench_profile_engine_times_hops_without_the_profiler(emodb_dir, malloc):
+    import sys
+    if default_checkpoint() is None:
+        pytest.skip("no bundled model in this install")
+    r = subprocess.run([sys.executable, "-m", "bench.profile_engine", "--checkpoint", "bundled", "--streams", "3",
+                        "--hops", "3", "--timing"] + (["--default-malloc"] if malloc == "default" else []),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "STREAM_SER_EMODB": str(emodb_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(rf"cpu 3 streams, 64 px, speaker normalisation, {malloc} freed memory: median ([\d.]+) ms, "
+                  r"fastest ([\d.]+) ms a hop over 3 hops", r.stdout)
+    assert m and 0 < float(m[2]) <= float(m[1]), r.stdout[:500]
+    assert "ncalls" not in r.stdout  # no profile printed

@@ -24,7 +24,7 @@ import torch
 from .model import EmotionModel
 from .openmp import hop_threads, intra_op_threads
 from .recognizer import (PaddingCache, Prediction, StreamingRecognizer, compute_frames, embed_and_project,
-                         make_segments)
+                         make_segments, padding_segments)
 from .vad import score_queued
 
 
@@ -128,7 +128,7 @@ class MultiStreamEngine:
                 partial = [rec for rec in batch if not rec.window_is_full]
                 pads = {}
                 if partial:  # the padding segments of all partial windows in one embedder call
-                    proj = self.padding_cache.projections(self.model, [rec.padding_segment() for rec in partial])
+                    proj = self.padding_cache.projections(self.model, padding_segments(partial))
                     pads = {id(rec): p for rec, p in zip(partial, proj)}
                 with torch.no_grad():  # every window's 8 projections in one stack, not one per stream
                     rows = [p for rec in batch for p in rec.window_projection_list(pads.get(id(rec)))]

@@ -124,18 +124,51 @@ class PaddingCache:
         self._items.append((features, projection))
 
     def projections(self, model: EmotionModel, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The projections of padding segments [C, M, L]; the ones not cached in one embedder call."""
-        out = [self.get(f) for f in features]
-        todo: list[torch.Tensor] = []
-        for i, f in enumerate(features):
-            if out[i] is None and not any(torch.equal(f, t) for t in todo):
-                todo.append(f)
+        """The projections of padding segments [C, M, L] (an engine's partial windows: one each); the ones
+        not cached in one embedder call, each distinct one once. Compared all at once, one comparison per
+        cached or new distinct segment, not one per segment (on a GPU each comparison waits for it)."""
+        x = torch.stack(features)  # [P, C, M, L]
+        out: list[torch.Tensor | None] = [None] * len(features)
+        left = torch.ones(len(features), dtype=torch.bool)
+
+        def same_as(f: torch.Tensor) -> torch.Tensor:  # [P] bool (CPU): the segments not yet placed equal to f
+            return (x == f).flatten(1).all(dim=1).cpu() & left
+
+        for f, p in self._items:
+            if not left.any():
+                break
+            if f.shape == x.shape[1:]:
+                hit = same_as(f)
+                for i in hit.nonzero().flatten().tolist():
+                    out[i] = p
+                self.hits += int(hit.sum())
+                left &= ~hit
+        todo: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a distinct uncached segment, which rows it is)
+        while left.any():
+            f = x[int(left.nonzero()[0])]
+            rows = same_as(f)
+            todo.append((f, rows))
+            left &= ~rows
         if todo:
-            made = list(zip(todo, embed_and_project(model, todo)))
-            for f, p in made:
+            for (f, rows), p in zip(todo, embed_and_project(model, [f for f, _ in todo])):
                 self.put(f, p)
-            out = [o if o is not None else next(p for t, p in made if torch.equal(t, f)) for o, f in zip(out, features)]
+                for i in rows.nonzero().flatten().tolist():
+                    out[i] = p
         return out
+
+
+def padding_segments(recs: list["StreamingRecognizer"]) -> list[torch.Tensor]:
+    """:meth:`StreamingRecognizer.padding_segment` of several streams of one model ([C, M, L] each, the same
+    numbers), in one normalisation call instead of a front-end call per stream."""
+    rec = recs[0]
+    cfg, fe = rec.cfg, rec.model.frontend
+    floor = torch.full((1, cfg.n_mels, cfg.segment_frames), float(np.log(cfg.log_floor)), device=rec.model.device)
+    with torch.no_grad():
+        raw = fe.raw_segments_from_log_mel(floor)[0, 0]  # [C, M, L]: digital silence, un-normalised
+        if rec.segmenter.adaptation is None:  # the same statistics for every stream: one segment for all
+            return [fe.normalize(raw)] * len(recs)
+        mean, std = RunningStats.current_each([r.segmenter.adaptation for r in recs])  # [P, C, M] each
+        return list(fe.normalize(raw.expand(len(recs), *raw.shape), (mean, std)))
 
 
 def segment_speech_mask(probs: np.ndarray, first_chunk: int, s: int, cfg) -> np.ndarray:
@@ -520,13 +553,7 @@ class StreamingRecognizer:
     def padding_segment(self) -> torch.Tensor:
         """The segment of digital silence (log-Mel at the floor, zero deltas), normalised with the
         statistics of the moment [C, M, L]: embedded once per partial window."""
-        cfg, fe = self.cfg, self.model.frontend
-        floor = torch.full((1, cfg.n_mels, cfg.segment_frames), float(np.log(cfg.log_floor)), device=self.model.device)
-        with torch.no_grad():
-            raw = fe.raw_segments_from_log_mel(floor)[0, 0]
-            ad = self.segmenter.adaptation
-            stats = (ad.current().mean, ad.current().std) if ad is not None else None
-            return fe.normalize(raw, stats)
+        return padding_segments([self])[0]
 
     def flush_samples(self) -> int:
         """How many zeros complete every segment that holds a sample heard, so that the end of a source

@@ -279,6 +279,32 @@ def test_padding_segment_is_embedded_once_with_the_floor_only(model, emodb_wav):
     assert (floored.padding_cache.misses, floored.padding_cache.hits) == (1, 7)
 
 
+def test_many_streams_padding_segments_at_once_are_each_streams_own(model, emodb_wav):
+    """An engine's partial windows: every stream's padding segment in one call, each normalised with that
+    stream's statistics of the moment (bit-equal to normalising it alone, so the cache finds them again);
+    the cache places each, embeds each distinct one once and finds them all the next time."""
+    from stream_ser.recognizer import PaddingCache, embed_and_project, padding_segments
+    recs = [StreamingRecognizer(model) for _ in range(3)]
+    for rec, name in zip(recs[1:], SPEAKER_A[:2]):
+        rec.push(load_audio(emodb_wav(name)).numpy())  # two streams' statistics move, the first's do not
+    cfg, fe = model.frontend_config, model.frontend
+    raw = fe.raw_segments_from_log_mel(torch.full((1, cfg.n_mels, cfg.segment_frames), math.log(cfg.log_floor)))[0, 0]
+    pads = padding_segments(recs)
+    for rec, pad in zip(recs, pads):
+        st = rec.adaptation.current()
+        assert torch.equal(pad, fe.normalize(raw, (st.mean, st.std)))
+    assert not torch.equal(pads[0], pads[1]) and not torch.equal(pads[1], pads[2])
+    cache = PaddingCache()
+    feats = [pads[1], pads[0], pads[1], pads[2]]
+    proj = cache.projections(model, feats)
+    assert (cache.misses, cache.hits) == (3, 0)  # three distinct segments, each embedded once
+    assert proj[0] is proj[2]
+    for f, p in zip(feats, proj):
+        torch.testing.assert_close(p, embed_and_project(model, [f])[0], atol=1e-4, rtol=0)
+    again = cache.projections(model, [pads[2], pads[0], pads[0]])
+    assert (cache.misses, cache.hits) == (3, 3) and again[0] is proj[3] and again[1] is proj[1]
+
+
 def test_with_a_speech_detector_its_verdicts_decide_and_not_the_level():
     """Quiet speech (a microphone 30 dB down) is under the offline level gate; where a speech detector kept
     the frames, they count all the same. Digital silence never counts; without a detector, the gate decides."""

@@ -67,11 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, metavar="PATH|bundled",
                     help="profile this trained model as `stream-ser live` loads it (`bundled`: the one that ships "
                          "with stream_ser) instead of an untrained one built from the options above")
-    ap.add_argument("--hops", type=int, default=10, help="profiled hops (after 3 unprofiled ones)")
+    ap.add_argument("--hops", type=int, default=10, help="profiled or timed hops (after 3 unprofiled ones; 1 with "
+                    "--partial-windows)")
     ap.add_argument("--top", type=int, default=20, help="functions listed per ordering")
     ap.add_argument("--timing", action="store_true",
                     help="no profile: time each hop alone (inside the collector freeze, as `stream-ser live` runs) "
                          "and print the median and the fastest; for before/after comparisons, run alternately")
+    ap.add_argument("--partial-windows", action="store_true",
+                    help="time (or profile) fresh streams' first hops, whose windows are partial (segments 2-7, "
+                         "so at most 6 hops), instead of full-window hops: a burst of new streams")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc thresholds as they are, to measure what stream_ser.allocator buys")
     args = ap.parse_args(argv)
@@ -87,11 +91,17 @@ def main(argv=None) -> int:
                              ModelConfig(arch=args.arch)).to(dev).eval()
     audio = [load_audio(f).numpy() for f in _files(12, min_s=3.5)]
     cfg = model.frontend_config
-    warm = cfg.segment_samples + (cfg.segments_per_utterance - 2) * cfg.shift_samples  # one hop short of a window
+    if args.partial_windows:  # one hop short of the first segment; one hop to warm up, then segments 2-7
+        warm, warm_hops = cfg.segment_samples - cfg.shift_samples, 1
+        args.hops = min(args.hops, cfg.segments_per_utterance - 2)
+    else:  # one hop short of a full window; three hops to warm up
+        warm, warm_hops = cfg.segment_samples + (cfg.segments_per_utterance - 2) * cfg.shift_samples, 3
+    what = f"{dev} {args.streams} streams, {args.image_size} px, {args.normalization} normalisation" \
+        + (", partial windows" if args.partial_windows else "")
     eng, srcs = MultiStreamEngine(model), []
     for i in range(args.streams):
         a = audio[i % len(audio)]
-        x = np.tile(a, 1 + (warm + (args.hops + 3) * cfg.shift_samples) // len(a))
+        x = np.tile(a, 1 + (warm + (args.hops + warm_hops) * cfg.shift_samples) // len(a))
         eng.add_stream(f"s{i}")
         eng.feed(f"s{i}", x[:warm])
         srcs.append((f"s{i}", x))
@@ -105,28 +115,28 @@ def main(argv=None) -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    for h in range(3):  # warm-up: caches, cuDNN plans
+    for h in range(warm_hops):  # warm-up: caches, cuDNN plans
         hop(h)
     if args.timing:
         times = []
         with startup_objects_frozen():
-            for h in range(3, 3 + args.hops):
+            for h in range(warm_hops, warm_hops + args.hops):
                 t0 = time.perf_counter()
                 hop(h)
                 times.append(1e3 * (time.perf_counter() - t0))
-        print(f"{dev} {args.streams} streams, {args.image_size} px, {args.normalization} normalisation, "
-              f"{'default' if args.default_malloc else 'kept'} freed memory: median {statistics.median(times):.1f} "
+        if args.partial_windows and any(rec.window_is_full for rec in eng.streams.values()):
+            raise RuntimeError("a timed hop had a full window")  # the hop arithmetic above is wrong
+        print(f"{what}, {'default' if args.default_malloc else 'kept'} freed memory: median {statistics.median(times):.1f} "
               f"ms, fastest {min(times):.1f} ms a hop over {args.hops} hops")
         return 0
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    for h in range(3, 3 + args.hops):
+    for h in range(warm_hops, warm_hops + args.hops):
         hop(h)
     prof.disable()
     ms = 1e3 * (time.perf_counter() - t0) / args.hops
-    print(f"{dev} {args.streams} streams, {args.image_size} px, {args.normalization} normalisation: "
-          f"{ms:.1f} ms per hop (profiled)")
+    print(f"{what}: {ms:.1f} ms per hop (profiled)")
     stats = pstats.Stats(prof)
     for label, phase_ms in phases(stats, args.hops, args.streams):
         print(f"  {label:55s} {phase_ms:8.1f} ms a hop ({1e3 * phase_ms / args.streams:6.1f} us a stream)")

@@ -6,7 +6,8 @@
 #   3. bench.run at 227 px in fp16 (the fp32 figures are the committed nvidia-*.json);
 #   4. the bundled model as `stream-ser live --device cuda` runs it (64 px, speaker normalisation), where
 #      its engine hop goes at 1024 streams (bench.profile_engine), and its hop's median at 1024 and 2048
-#      streams fed as fast as possible (--timing: under 320 ms is what 2000 real-time streams need).
+#      streams fed as fast as possible (--timing: under 320 ms is what 2000 real-time streams need), and
+#      at 1024 fresh streams, all in partial windows (a burst of new streams).
 # Writes under $OUT (the device's, else runs/gpu-bench): bench/<machine>[-fp16].json, agree-*.json, *.log.
 # Merge bench/*.json into bench/results/ here (the bundled model's section joins <machine>.json).
 set -u
@@ -28,3 +29,5 @@ python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 102
 for n in 1024 2048; do
   python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams $n --hops 10 --timing
 done 2>&1 | tee "$DEST/timing-bundled.log"
+python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 1024 --timing --partial-windows \
+    2>&1 | tee -a "$DEST/timing-bundled.log"

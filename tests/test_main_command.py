@@ -179,17 +179,21 @@ def test_bench_profile_engine_profiles_the_bundled_model(emodb_dir):
     assert found["own time of functions called once per stream or more"] > 0
 
 
-@pytest.mark.parametrize("malloc", ["kept", "default"])
-def test_bench_profile_engine_times_hops_without_the_profiler(emodb_dir, malloc):
+@pytest.mark.parametrize("variant", ["full windows", "default malloc", "partial windows"])
+def test_bench_profile_engine_times_hops_without_the_profiler(emodb_dir, variant):
     import sys
     if default_checkpoint() is None:
         pytest.skip("no bundled model in this install")
+    flags = {"full windows": [], "default malloc": ["--default-malloc"], "partial windows": ["--partial-windows"]}
     r = subprocess.run([sys.executable, "-m", "bench.profile_engine", "--checkpoint", "bundled", "--streams", "3",
-                        "--hops", "3", "--timing"] + (["--default-malloc"] if malloc == "default" else []),
+                        "--hops", "9", "--timing"] + flags[variant],
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "STREAM_SER_EMODB": str(emodb_dir)})
     assert r.returncode == 0, r.stderr[-3000:]
-    m = re.search(rf"cpu 3 streams, 64 px, speaker normalisation, {malloc} freed memory: median ([\d.]+) ms, "
-                  r"fastest ([\d.]+) ms a hop over 3 hops", r.stdout)
+    partial = ", partial windows" if variant == "partial windows" else ""
+    malloc = "default" if variant == "default malloc" else "kept"
+    hops = 6 if partial else 9  # a window has 6 partial hops after the first
+    m = re.search(rf"cpu 3 streams, 64 px, speaker normalisation{partial}, {malloc} freed memory: median ([\d.]+) "
+                  rf"ms, fastest ([\d.]+) ms a hop over {hops} hops", r.stdout)
     assert m and 0 < float(m[2]) <= float(m[1]), r.stdout[:500]
     assert "ncalls" not in r.stdout  # no profile printed

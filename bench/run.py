@@ -586,6 +586,14 @@ CPU_NOTES = [
     "throughout, though one-stream latencies drifted by 30 % between them): 227 px 192 / 224 / 160 / 192 streams "
     "(before: 160), 112 px at least 448 / 384 / 448 / 512 (before: 384), the bundled model 512 / 448 / 448 / 512 "
     "(before: 448). The per-hop medians above are the firmer figure.",
+    "- 2026-11-27, a burst of new streams: a hop in which every stream's window is still partial built each "
+    "stream's padding segment with its own front-end call and compared it with the cached ones stream by stream "
+    "(`torch.equal`, on a GPU a wait each). Now all of a hop's padding segments are normalised in one call "
+    "(`recognizer.padding_segments`) and compared all at once (`PaddingCache.projections`). 256 fresh "
+    "bundled-model streams, their hops 2-7 (`python -m bench.profile_engine --checkpoint bundled --streams 256 "
+    "--timing --partial-windows`, three alternating pairs against 0d54f55): median 137-140 -> 107-123 ms, about "
+    "a full-window hop's 106-111 ms. The capacity ladder does not see it: its streams start together and it "
+    "times full windows only.",
     "",
 ]
 

@@ -582,19 +582,18 @@ class StreamingRecognizer:
         t0 = time.perf_counter()
         with torch.no_grad():
             logits, alpha = self.model.head.infer(self.window_projections(padding)[None])
-            probs = self.model.probabilities(logits)[0].cpu().numpy()
-        return self.make_prediction(probs, alpha[0].cpu().numpy(), 1e3 * (time.perf_counter() - t0))
+            probs = self.model.probabilities(logits)[0].cpu().tolist()
+        return self.make_prediction(probs, alpha[0].cpu().tolist(), 1e3 * (time.perf_counter() - t0))
 
     def window_segments(self) -> list[Segment]:
         return [s for _, s in self._cache]
 
-    def make_prediction(self, probs, alpha, head_ms: float) -> Prediction:
+    def make_prediction(self, probs: list[float], alpha: list[float], head_ms: float) -> Prediction:
         """The prediction for the cached window from the head's class probabilities [K] and attention over
-        its segments [8] (arrays or lists: an engine converts a whole batch to lists in one call each)."""
+        its segments [8], as lists (an engine converts a whole batch's in one call each)."""
         segs = self.window_segments()
         first, last = segs[0], segs[-1]
         sr = self.cfg.sample_rate
-        probs = probs.tolist() if isinstance(probs, np.ndarray) else probs
         top = max(range(len(probs)), key=probs.__getitem__)  # the first of equal maxima, as np.argmax
         activity = math.fsum(s.activity for s in segs) / len(segs)
         speech = activity >= self.min_speech
@@ -606,7 +605,7 @@ class StreamingRecognizer:
             window_end_s=(last.index * self.cfg.shift_samples + self.cfg.segment_samples) / sr,
             probabilities=dict(zip(self.labels, probs)),
             label=self.labels[top] if speech else None, confidence=probs[top],
-            attention=alpha.tolist() if isinstance(alpha, np.ndarray) else list(alpha),
+            attention=list(alpha),
             speech_activity=activity,
             level_dbfs=last.level_dbfs,
             timings_ms={"frontend": last.frontend_ms, "embed": last.embed_ms, "head": head_ms,

@@ -185,6 +185,23 @@ class RunningStats:
         self._ss += ss
         self._cache = None
 
+    @staticmethod
+    def add_each(stats: list["RunningStats"], n: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> None:
+        """:meth:`add` of row k of the moments (counts [N], sums and sums of squares [N, C, M]; from
+        :func:`moments_each`) to ``stats[k]``, for N different statistics (an engine hop's streams) in three
+        tensor calls instead of three per stream."""
+        counts = n.tolist()
+        keep = [k for k, st in enumerate(stats) if not st.frozen and counts[k] != 0]
+        if not keep:
+            return
+        mine = [stats[k] for k in keep]
+        n_rows, s_rows, ss_rows = n.unbind(0), s.unbind(0), ss.unbind(0)
+        torch._foreach_add_([st._n for st in mine], [n_rows[k] for k in keep])
+        torch._foreach_add_([st._s for st in mine], [s_rows[k] for k in keep])
+        torch._foreach_add_([st._ss for st in mine], [ss_rows[k] for k in keep])
+        for st in mine:
+            st._cache = None
+
     def enroll(self, raw: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Replace everything seen so far with an enrolment recording's segments [..., C, M, L]."""
         self.reset()

@@ -23,6 +23,7 @@ centres the window in the 512 frame) because the two differ by a circular shift.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio.functional as AF
@@ -112,14 +113,18 @@ class Frontend(nn.Module):
         power = spec.real.square() + spec.imag.square()
         return (power @ self.mel_fb).clamp_min_(cfg.log_floor).log_()  # [..., M]
 
-    def log_mel_many(self, waves, energy: bool = False):
+    def log_mel_many(self, waves, energy: bool = False, host: bool = False):
         """Several waveforms (a list of [N_i]) -> their log-Mel frames, a list of [T_i, M] (:meth:`log_mel`
         of each, transposed), through one FFT and one filterbank product: a frame depends on its own
         samples only, so batching changes nothing but the number of calls. The waveforms are joined on the
         host and moved in one copy (one per waveform was a transfer per live stream a hop on a GPU).
 
         ``energy``: also each frame's mean square (:func:`frame_mean_square`, [T_i] float64 on the CPU) ->
-        (log-Mel list, energy list): the live level meter's, from the same frames in one call."""
+        (log-Mel list, energy list): the live level meter's, from the same frames in one call.
+
+        ``host``: numpy arrays instead (float32 [T_i, M]; energies float64 [T_i]), brought to the host in one
+        copy: a live engine keeps its streams' frames there (a tensor call per stream a hop, each a kernel
+        launch on a GPU, was what its frame buffers cost)."""
         cfg = self.config
         waves = [w.reshape(-1) for w in waves]
         counts = [cfg.frames_for(w.numel()) for w in waves]
@@ -128,10 +133,15 @@ class Frontend(nn.Module):
         frames = [w.unfold(0, cfg.win_length, cfg.hop_length) for w, c in zip(joined.split(lengths), counts) if c]
         frames = torch.cat(frames) if frames else self.window.new_zeros(0, cfg.win_length)  # [sum T_i, win]
         log_mel = self._log_mel_frames(frames) if len(frames) else self.window.new_zeros(0, cfg.n_mels)
-        log_mel = list(log_mel.split(counts))  # [T_i, M] each
+        if host:  # one copy to the host for all waveforms, split there (views, no tensor call per waveform)
+            log_mel = np.split(log_mel.cpu().numpy(), np.cumsum(counts[:-1])) if counts else []
+        else:
+            log_mel = list(log_mel.split(counts))  # [T_i, M] each
         if not energy:
             return log_mel
-        return log_mel, list(frame_mean_square(frames).cpu().split(counts))
+        ms = frame_mean_square(frames).cpu()
+        return log_mel, ((np.split(ms.numpy(), np.cumsum(counts[:-1])) if counts else []) if host
+                         else list(ms.split(counts)))
 
     def segments_many(self, waves, stats=None) -> list[torch.Tensor]:
         """Whole files of any lengths at once: a list of [N_i] -> a list of segments [S_i, C, M, L], each

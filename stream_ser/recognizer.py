@@ -30,7 +30,7 @@ from .audio import check_samples
 from .features import frame_mean_square
 from .model import EmotionModel
 from .openmp import embedding_threads, intra_op_threads
-from .vad import MIN_SPEECH_FRACTION, SpeechDetector, frame_mask, score_queued
+from .vad import MIN_SPEECH_FRACTION, SpeechDetector, frame_masks, score_queued
 
 ACTIVITY_THRESHOLD_DBFS = -45.0  # with vad off: a frame with RMS above this counts as sound (speech activity)
 MIN_SPEECH_ACTIVITY = 0.1  # with vad off: fewer such frames in a window than this, no emotion
@@ -173,10 +173,17 @@ def padding_segments(recs: list["StreamingRecognizer"]) -> list[torch.Tensor]:
 
 def segment_speech_mask(probs: np.ndarray, first_chunk: int, s: int, cfg) -> np.ndarray:
     """[L] bool: which frames of segment ``s`` may teach the speaker statistics, from chunk speech
-    probabilities (chunk ``first_chunk`` first; :func:`~stream_ser.vad.frame_mask`), judged with the chunks
+    probabilities (chunk ``first_chunk`` first; :func:`~stream_ser.vad.frame_masks`), judged with the chunks
     complete when the segment completes. The one rule for live streams and whole recordings alike."""
-    return frame_mask(probs, first_chunk, s * cfg.segment_shift, cfg.segment_frames, cfg.hop_length,
-                      cfg.win_length, s * cfg.shift_samples + cfg.segment_samples)
+    return segment_speech_masks([(probs, first_chunk)], [s], cfg)[0]
+
+
+def segment_speech_masks(histories: list[tuple[np.ndarray, int]], segments: list[int], cfg) -> np.ndarray:
+    """[N, L] bool: :func:`segment_speech_mask` of N (chunk probabilities, first chunk) and segment index
+    pairs (an engine hop's new segments, from their streams' :meth:`SpeechDetector.history`), in one call."""
+    s = np.asarray(segments, np.int64)
+    return frame_masks([p for p, _ in histories], [f for _, f in histories], s * cfg.segment_shift,
+                       cfg.segment_frames, cfg.hop_length, cfg.win_length, s * cfg.shift_samples + cfg.segment_samples)
 
 
 def recording_speech_masks(wave: np.ndarray, cfg) -> torch.Tensor:
@@ -184,8 +191,9 @@ def recording_speech_masks(wave: np.ndarray, cfg) -> torch.Tensor:
     segment, from a fresh speech detector that heard all of it: the adaptation's frame masks."""
     probs = SpeechDetector().push(np.asarray(wave, np.float32))
     n = cfg.segments_for_frames(cfg.frames_for(len(wave)))
-    masks = [segment_speech_mask(probs, 0, s, cfg) for s in range(n)]
-    return torch.from_numpy(np.stack(masks)) if masks else torch.ones(0, cfg.segment_frames, dtype=torch.bool)
+    if n == 0:
+        return torch.ones(0, cfg.segment_frames, dtype=torch.bool)
+    return torch.from_numpy(segment_speech_masks([(probs, 0)] * n, list(range(n)), cfg))
 
 
 class SegmentStream:
@@ -212,7 +220,9 @@ class SegmentStream:
 
     def reset(self) -> None:
         self._buf = np.zeros(0, np.float32)  # samples from the first sample of frame self.n_frames on
-        self._frames = torch.zeros(self.cfg.n_mels, 0, device=self.device)  # from frame self._frames_start on
+        # log-Mel frames [T, M] from frame self._frames_start on, on the host: appending to a small array is a
+        # microsecond there, a tensor call per stream a hop (a kernel launch on a GPU) as a tensor
+        self._frames = np.zeros((0, self.cfg.n_mels), np.float32)
         self._energy = np.zeros(0, np.float64)  # mean square per frame, same indexing
         self._frames_start = 0
         self.n_frames = 0
@@ -288,12 +298,12 @@ class SegmentStream:
         k = cfg.frames_for(self._buf.size)
         return self._buf[: (k - 1) * cfg.hop_length + cfg.win_length] if k > 0 else None
 
-    def _add_frames(self, log_mel: torch.Tensor, energy: torch.Tensor) -> None:
-        """Append the log-Mel frames [M, k] the buffer completes and their mean squares [k] (float64);
+    def _add_frames(self, log_mel: np.ndarray, energy: np.ndarray) -> None:
+        """Append the log-Mel frames [k, M] the buffer completes and their mean squares [k] (float64);
         drop the samples no later frame needs."""
-        k = log_mel.shape[1]
-        self._energy = np.concatenate([self._energy, energy.numpy()])
-        self._frames = torch.cat([self._frames, log_mel], dim=1)
+        k = log_mel.shape[0]
+        self._energy = np.concatenate([self._energy, energy])
+        self._frames = np.concatenate([self._frames, log_mel])
         self.n_frames += k
         self._buf = self._buf[k * self.cfg.hop_length:]
 
@@ -301,22 +311,15 @@ class SegmentStream:
         """The segments the frames ingested so far complete (each once)."""
         return make_segments([self])[0]
 
-    def _due(self) -> list[tuple[int, torch.Tensor]]:
-        """(index, static log-Mel [M, L]) of every segment the frames complete, oldest first."""
+    def _due(self) -> list[tuple[int, np.ndarray]]:
+        """(index, static log-Mel [L, M], time first) of every segment the frames complete, oldest first."""
         cfg, out = self.cfg, []
         s = self.next_segment
         while self.n_frames >= cfg.segment_frames + s * cfg.segment_shift:
             a = s * cfg.segment_shift - self._frames_start
-            out.append((s, self._frames[:, a: a + cfg.segment_frames]))
+            out.append((s, self._frames[a: a + cfg.segment_frames]))
             s += 1
         return out
-
-    def _speech_mask(self, s: int) -> torch.Tensor | None:
-        """[L] bool: the frames of segment ``s`` the speech detector kept (those with no verdict yet too);
-        None without a detector: then the level gate decides (:func:`~stream_ser.adaptation.speech_frames`)."""
-        if self.vad is None:
-            return None
-        return torch.from_numpy(segment_speech_mask(*self.vad.history(), s, self.cfg))
 
     def _energy_of(self, s: int) -> np.ndarray:
         """[L] the mean square of each frame of segment ``s`` (float64; not let go yet)."""
@@ -340,7 +343,7 @@ class SegmentStream:
         # frames before the next segment's start are not needed any more
         self.next_segment = s + 1
         keep_from = self.next_segment * cfg.segment_shift - self._frames_start
-        self._frames = self._frames[:, keep_from:]
+        self._frames = self._frames[keep_from:]
         self._energy = self._energy[keep_from:]
         self._frames_start += keep_from
         fe_ms = 1e3 * (self._frontend_s + frontend_s)
@@ -358,10 +361,11 @@ def compute_frames(streams: list[SegmentStream]) -> None:
         return
     t0 = time.perf_counter()
     with torch.no_grad():  # [k_i, M] and [k_i] each
-        lms, energies = todo[0][0].frontend.log_mel_many([torch.from_numpy(span) for _, span in todo], energy=True)
+        lms, energies = todo[0][0].frontend.log_mel_many([torch.from_numpy(span) for _, span in todo],
+                                                         energy=True, host=True)
     share = (time.perf_counter() - t0) / len(todo)
     for (st, _), x, e in zip(todo, lms, energies):
-        st._add_frames(x.T, e)
+        st._add_frames(x, e)
         st._frontend_s += share
 
 
@@ -382,8 +386,8 @@ def _adapt_each(jobs: list, n: torch.Tensor, sm: torch.Tensor, ss: torch.Tensor)
     mean = std = None
     infos: list = [None] * len(jobs)
     for ks in rounds:
+        RunningStats.add_each([jobs[k][0].adaptation for k in ks], n[ks], sm[ks], ss[ks])
         for k in ks:
-            jobs[k][0].adaptation.add(n[k], sm[k], ss[k])
             infos[k] = jobs[k][0].adaptation_info()
         m, d = RunningStats.current_each([jobs[k][0].adaptation for k in ks])
         if len(rounds) == 1:
@@ -406,16 +410,21 @@ def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
     t0 = time.perf_counter()
     fe = jobs[0][0].frontend
     with torch.no_grad():
-        raw = fe._with_deltas(torch.stack([static for _, _, static in jobs]))  # [N, C, M, L]
+        static = np.stack([static.T for _, _, static in jobs])  # [N, M, L], stacked on the host: one copy over
+        raw = fe._with_deltas(torch.from_numpy(static).to(fe.window.device))  # [N, C, M, L]
         if jobs[0][0].adaptation is None:  # one model, so no stream adapts (not speaker-normalised)
             feats, infos = fe.normalize(raw), [None] * len(jobs)
         else:  # every segment's speech-frame moments in one call, added stream by stream in order
             raw_cpu = raw.detach().cpu()
-            masks = [st._speech_mask(s) for st, s, _ in jobs]
-            if any(m is None for m in masks):  # a stream without a detector: its frames over the level gate
-                level = speech_frames(raw_cpu)
-                masks = [level[k] if m is None else m for k, m in enumerate(masks)]
-            n, sm, ss = moments_each(raw_cpu, torch.stack(masks))
+            # [N, L]: the frames each stream's speech detector kept (those with no verdict yet too), all in
+            # one call; for a stream without a detector, its frames over the level gate (speech_frames)
+            heard = [k for k, (st, _, _) in enumerate(jobs) if st.vad is not None]
+            masks = (torch.empty(len(jobs), raw.shape[-1], dtype=torch.bool) if len(heard) == len(jobs)
+                     else speech_frames(raw_cpu))
+            if heard:
+                masks[heard] = torch.from_numpy(segment_speech_masks(
+                    [jobs[k][0].vad.history() for k in heard], [jobs[k][1] for k in heard], jobs[0][0].cfg))
+            n, sm, ss = moments_each(raw_cpu, masks)
             mean, std, infos = _adapt_each(jobs, n, sm, ss)
             feats = fe.normalize(raw, (mean, std))
         # every segment's level, and its activity by the level gate, in one call (before _finish lets go)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import threading
 import warnings
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -188,21 +187,20 @@ class SpeechDetector:
     def reset(self) -> None:
         self._state = torch.zeros(2, 1, self.model.hidden)  # this stream's recurrent state (the cell's h and c)
         self._context = torch.zeros(1, self.model.context_samples)  # the last samples before its next chunk
-        self._pending = np.zeros(0, np.float32)
-        self._queued = torch.zeros(0, CHUNK_SAMPLES)  # full chunks waiting to be scored
-        self._probs: deque[float] = deque(maxlen=HISTORY_CHUNKS)
+        self._pending = np.zeros(0, np.float32)  # samples not scored yet: the full chunks among them are queued
+        self._probs = np.zeros(0, np.float32)  # the last HISTORY_CHUNKS chunks' probabilities, oldest first
         self.n_chunks = 0  # chunks scored since the start of the stream
         self.n_speech = 0  # ... of which speech (probability above SPEECH_PROB)
 
     def queue(self, samples: np.ndarray) -> int:
         """Add samples; the chunks they complete wait for :func:`score_queued`. Returns the chunks waiting."""
-        x = np.concatenate([self._pending, samples]) if self._pending.size else np.asarray(samples, np.float32)
-        n = x.size // CHUNK_SAMPLES
-        self._pending = x[n * CHUNK_SAMPLES:].copy()
-        if n:
-            chunks = torch.from_numpy(np.ascontiguousarray(x[: n * CHUNK_SAMPLES], np.float32)).reshape(n, CHUNK_SAMPLES)
-            self._queued = torch.cat([self._queued, chunks]) if len(self._queued) else chunks
-        return len(self._queued)
+        self._pending = np.concatenate([self._pending, np.asarray(samples, np.float32)])  # a copy: ours
+        return self.queued
+
+    @property
+    def queued(self) -> int:
+        """Full chunks waiting for :func:`score_queued`."""
+        return self._pending.size // CHUNK_SAMPLES
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Score every chunk the new samples complete; returns their speech probabilities."""
@@ -210,7 +208,9 @@ class SpeechDetector:
         return score_queued([self])[0]
 
     def _record(self, probs: np.ndarray) -> None:
-        self._probs.extend(probs.tolist())
+        if len(probs):  # an array, not a deque of floats: history() and speech_fraction() are slices of it
+            self._probs = np.concatenate([self._probs[max(0, len(self._probs) + len(probs) - HISTORY_CHUNKS):],
+                                          probs[-HISTORY_CHUNKS:]])
         self.n_chunks += len(probs)
         self.n_speech += int((probs > SPEECH_PROB).sum())
 
@@ -221,7 +221,7 @@ class SpeechDetector:
 
     def history(self) -> tuple[np.ndarray, int]:
         """The kept chunk probabilities (the last ``HISTORY_CHUNKS``) and the index of the first of them."""
-        return np.asarray(self._probs, np.float32), self.n_chunks - len(self._probs)
+        return self._probs, self.n_chunks - len(self._probs)
 
     def speech_fraction(self, start: int, end: int) -> float:
         """Share of the scored chunks whose centre lies in samples ``[start, end)`` that are speech (0 if none)."""
@@ -230,22 +230,30 @@ class SpeechDetector:
         hi = min(self.n_chunks, int(np.ceil((end - CHUNK_SAMPLES / 2) / CHUNK_SAMPLES)))
         if hi <= lo:
             return 0.0
-        p = np.fromiter((self._probs[i - first_kept] for i in range(lo, hi)), np.float32, hi - lo)
-        return float((p > SPEECH_PROB).mean())
+        return np.count_nonzero(self._probs[lo - first_kept: hi - first_kept] > SPEECH_PROB) / (hi - lo)
 
 
-def frame_mask(probs: np.ndarray, first_chunk: int, first_frame: int, n_frames: int, hop: int, win: int,
-               end: int) -> np.ndarray:
-    """[n_frames] bool for the feature frames ``first_frame ...`` (frame t: samples [t hop, t hop + win)),
-    from chunk speech probabilities ``probs`` (chunk ``first_chunk`` first): False where the 32 ms chunk
-    holding the frame's centre is complete by sample ``end`` and was scored non-speech; True otherwise
-    (speech, or no verdict: then the level gate alone decides). Only chunks complete by ``end`` count,
-    so the mask does not depend on how the audio was chunked when it arrived."""
-    centres = (first_frame + np.arange(n_frames)) * hop + win // 2
-    chunk = centres // CHUNK_SAMPLES
-    known = ((chunk + 1) * CHUNK_SAMPLES <= end) & (chunk >= first_chunk) & (chunk < first_chunk + len(probs))
-    mask = np.ones(n_frames, bool)
-    mask[known] = probs[chunk[known] - first_chunk] > SPEECH_PROB
+def frame_masks(probs: list[np.ndarray], first_chunk, first_frame, n_frames: int, hop: int, win: int,
+                end) -> np.ndarray:
+    """[N, n_frames] bool, row k for the feature frames ``first_frame[k] ...`` (frame t: samples
+    [t hop, t hop + win)) from chunk speech probabilities ``probs[k]`` (chunk ``first_chunk[k]`` first):
+    False where the 32 ms chunk holding the frame's centre is complete by sample ``end[k]`` and was scored
+    non-speech; True otherwise (speech, or no verdict: then the level gate alone decides). Only chunks
+    complete by ``end`` count, so the mask does not depend on how the audio was chunked when it arrived.
+    All rows in one set of array operations (an engine hop's segments, one per stream; or every segment
+    of a recording, all with the same ``probs``)."""
+    first = np.asarray(first_chunk, np.int64)[:, None]
+    lengths = np.fromiter((len(p) for p in probs), np.int64, len(probs))[:, None]
+    centres = (np.asarray(first_frame, np.int64)[:, None] + np.arange(n_frames)) * hop + win // 2
+    chunk = centres // CHUNK_SAMPLES  # [N, n_frames]
+    known = (((chunk + 1) * CHUNK_SAMPLES <= np.asarray(end, np.int64)[:, None]) & (chunk >= first)
+             & (chunk < first + lengths))
+    if all(p is probs[0] for p in probs):  # one recording's segments: its probabilities once
+        flat, offset = np.asarray(probs[0]), np.zeros(len(probs), np.int64)
+    else:  # every row's probabilities, one after another; row k's start at offset[k]
+        flat, offset = np.concatenate(probs), np.cumsum(lengths) - lengths[:, 0]
+    mask = np.ones(chunk.shape, bool)
+    mask[known] = flat[(chunk - first + offset[:, None])[known]] > SPEECH_PROB
     return mask
 
 
@@ -259,7 +267,7 @@ def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
     encoder call and 10 cell steps instead of 10 N model calls. The detectors are ordered by queued chunks,
     most first, so the ones still stepping in round r are a prefix of that order.
     """
-    counts = [len(d._queued) for d in detectors]
+    counts = [d.queued for d in detectors]
     out = [np.empty(c, np.float32) for c in counts]
     active = sorted((i for i, c in enumerate(counts) if c), key=lambda i: -counts[i])
     if active:
@@ -270,11 +278,13 @@ def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
         even = lengths[-1] == rounds  # every detector has the same number of chunks queued (the usual hop)
         with intra_op_threads(hop_threads(n)), torch.inference_mode():
             if even:
-                chunks = torch.stack([d._queued for d in dets])  # [n, rounds, 512]
+                chunks = torch.from_numpy(np.stack([d._pending[:rounds * CHUNK_SAMPLES] for d in dets])
+                                          ).view(n, rounds, CHUNK_SAMPLES)
             else:
                 chunks = torch.zeros(n, rounds, CHUNK_SAMPLES)
                 for k, d in enumerate(dets):
-                    chunks[k, :lengths[k]] = d._queued
+                    chunks[k, :lengths[k]] = torch.from_numpy(
+                        d._pending[:lengths[k] * CHUNK_SAMPLES]).view(lengths[k], CHUNK_SAMPLES)
             context = torch.cat([torch.cat([d._context for d in dets])[:, None], chunks[:, :-1, -cs:]], 1)
             x = torch.cat([context, chunks], 2)  # [n, rounds, cs + 512]: each chunk after its context
             if even:
@@ -303,7 +313,7 @@ def score_queued(detectors: list[SpeechDetector]) -> list[np.ndarray]:
             out[i][:] = probs[k, :counts[i]]
     for d, p in zip(detectors, out):
         if len(p):
-            d._queued = d._queued[len(p):]
+            d._pending = d._pending[len(p) * CHUNK_SAMPLES:]
         d._record(p)
     return out
 

@@ -350,3 +350,36 @@ def test_statistics_of_many_streams_at_once_equal_each_alone():
         assert many[k].current().frames == frames
     torch.testing.assert_close(mean[0], prior.mean)  # no prior weight, no speech: the prior itself
     assert not torch.equal(mean[1, 0], prior.mean[0])  # speech heard: the level moved
+
+
+def test_adding_many_streams_moments_at_once_equals_each_alone():
+    """``RunningStats.add_each`` (an engine hop's segments, three tensor calls for all streams) leaves every
+    stream's statistics as its own ``add`` would, bit for bit; frozen streams and segments without a speech
+    frame add nothing, and only the streams that changed drop their cached statistics."""
+    torch.manual_seed(1)
+    C, M, N = 3, 16, 5
+    prior = Stats(torch.randn(C, M), torch.rand(C, M) + 0.5, 0.0)
+    x = torch.randn(N, C, M, 30, dtype=torch.float64) * 2 + 1
+    n = torch.tensor([30.0, 0.0, 12.0, 30.0, 7.0], dtype=torch.float64)  # row 1: no speech frame
+    s, ss = x.sum(-1), x.square().sum(-1)
+
+    def streams() -> list[RunningStats]:
+        out = [RunningStats(prior) for _ in range(N)]
+        for k, st in enumerate(out):  # each has heard something before, and has its statistics cached
+            st.add(torch.tensor(10.0 + k, dtype=torch.float64), x[k].sum(-1) / 3, x[k].square().sum(-1) / 3)
+            st.current()
+        out[3].frozen = True
+        return out
+
+    alone, many = streams(), streams()
+    for k, st in enumerate(alone):
+        st.add(n[k], s[k], ss[k])
+    cached = [st._cache for st in many]
+    RunningStats.add_each(many, n, s, ss)
+    for k in range(N):
+        assert many[k].frames == alone[k].frames
+        assert torch.equal(many[k]._s, alone[k]._s) and torch.equal(many[k]._ss, alone[k]._ss)
+        torch.testing.assert_close(many[k].current().mean, alone[k].current().mean, rtol=0, atol=0)
+        torch.testing.assert_close(many[k].current().std, alone[k].current().std, rtol=0, atol=0)
+    assert many[1].frames == 11.0 and many[3].frames == 13.0  # no frame, and frozen: unchanged
+    assert [many[k]._cache is cached[k] for k in range(N)] == [False, True, False, True, False]

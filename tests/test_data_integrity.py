@@ -108,3 +108,17 @@ def test_impossible_frontend_configs_are_refused(field, value, tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=field):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("bad,message", [(np.nan, "1 of 100 samples are NaN or infinite"),
+                                         (np.inf, "NaN or infinite"), (-np.inf, "NaN or infinite"),
+                                         (-2e3, "samples reach 2e\\+03"), (5e4, "samples reach 5e\\+04")])
+def test_one_bad_sample_in_a_block_is_found(bad, message):
+    """A live block is checked by its extremes (two reductions, no temporary array): one NaN, infinity or
+    wildly scaled sample anywhere in it, even where the others are fine, is still refused and named."""
+    from stream_ser.audio import AudioError, check_samples
+    x = np.sin(np.arange(100, dtype=np.float32) / 7) * 0.5
+    assert check_samples(x) is x  # a good float32 block passes as it is, not copied
+    x[63] = bad
+    with pytest.raises(AudioError, match=message):
+        check_samples(x, "stream")

@@ -151,6 +151,21 @@ def test_whole_files_at_once_equal_one_by_one(emodb_dir, normalization):
     assert [x.shape[0] for x in fe.segments_many([])] == []
 
 
+def test_many_waveforms_log_mel_on_the_host_equal_the_tensors(emodb_dir):
+    """``log_mel_many(host=True)`` (what a live engine keeps its streams' frames in): the same numbers as the
+    tensors, one array per waveform, a waveform too short for a frame giving none; energies too."""
+    fe = Frontend()
+    waves = [load_audio(p)[:n] for p, n in zip(_some_files(emodb_dir, 3), (5120, 399, 16000))]
+    lms, energies = fe.log_mel_many(waves, energy=True)
+    host_lms, host_energies = fe.log_mel_many(waves, energy=True, host=True)
+    assert [x.shape for x in host_lms] == [(30, 64), (0, 64), (98, 64)]
+    for a, b, e, f in zip(lms, host_lms, energies, host_energies):
+        assert isinstance(b, np.ndarray) and b.dtype == np.float32 and f.dtype == np.float64
+        np.testing.assert_array_equal(b, a.numpy())
+        np.testing.assert_array_equal(f, e.numpy())
+    assert fe.log_mel_many([], host=True) == []
+
+
 def test_chunk_boundaries_do_not_change_frames(emodb_dir):
     """Frames computed from any slice that starts on a hop boundary equal the whole signal's."""
     fe = Frontend()

@@ -145,3 +145,29 @@ def test_the_rebuilt_network_equals_silero_vads_own_model(speech):
         wrong.out.bias += 0.5
     with pytest.raises(ValueError, match="differs from silero-vad"):
         _checked(wrong, scripted)  # ... and not for another network
+
+
+def test_frame_masks_of_many_streams_at_once_equal_each_alone(speech):
+    """An engine hop computes every new segment's frame mask in one call (``segment_speech_masks``), each
+    from its own stream's chunk history: detectors that heard different audio, different amounts of it
+    (one past its 12.8 s history, so its first kept chunk is not chunk 0), asked for different segments."""
+    from stream_ser.config import FrontendConfig
+    from stream_ser.recognizer import segment_speech_mask, segment_speech_masks
+    cfg = FrontendConfig()
+    waves = [speech, np.concatenate([_noise(14.0, 0.02), speech]), np.concatenate([speech[:SR], _noise(1.5)])]
+    dets = [SpeechDetector() for _ in waves]
+    for d, w in zip(dets, waves):
+        d.push(w)
+    histories = [d.history() for d in dets]
+    assert histories[1][1] > 0 and histories[0][1] == 0
+    last = [cfg.segments_for_frames(cfg.frames_for(len(w))) - 1 for w in waves]
+    jobs = [(0, last[0]), (1, last[1]), (2, last[2]), (1, last[1] - 3), (0, 2)]
+    many = segment_speech_masks([histories[i] for i, _ in jobs], [s for _, s in jobs], cfg)
+    assert many.shape == (len(jobs), cfg.segment_frames) and many.dtype == bool
+    for row, (i, s) in zip(many, jobs):
+        np.testing.assert_array_equal(row, segment_speech_mask(*histories[i], s, cfg))
+    assert many[0].mean() > 0.5 and many[2].mean() < 0.5  # speech kept, noise not: the masks say something
+    # a detector's speech fraction over a span reads the same history
+    d = dets[0]
+    probs, first = d.history()
+    assert d.speech_fraction(0, len(waves[0])) == pytest.approx(np.mean(probs > 0.5))

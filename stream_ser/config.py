@@ -8,6 +8,7 @@ utterance) are properties so that they can never disagree with the fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -114,31 +115,31 @@ class FrontendConfig:
             raise ValueError("silence_floor needs the 'speaker' or 'corpus' normalisation (a floor in "
                              f"per-bin standard deviations), not {self.normalization!r}")
 
-    # --- derived sizes ---------------------------------------------------------
-    @property
+    # --- derived sizes (computed once: a live engine reads them for every stream every hop) -----------
+    @functools.cached_property
     def segment_samples(self) -> int:
         """Samples one segment spans: (frames - 1) * hop + window (10 480 = 655 ms)."""
         return (self.segment_frames - 1) * self.hop_length + self.win_length
 
-    @property
+    @functools.cached_property
     def shift_samples(self) -> int:
         """Samples between the starts of consecutive segments (5 120 = 320 ms)."""
         return self.segment_shift * self.hop_length
 
-    @property
+    @functools.cached_property
     def utterance_samples(self) -> int:
         return int(round(self.utterance_s * self.sample_rate))
 
-    @property
+    @functools.cached_property
     def utterance_frames(self) -> int:
         return self.frames_for(self.utterance_samples)
 
-    @property
+    @functools.cached_property
     def segments_per_utterance(self) -> int:
         """Segments in one utterance window (8 for the paper's 3 s)."""
         return self.segments_for_frames(self.utterance_frames)
 
-    @property
+    @functools.cached_property
     def hop_s(self) -> float:
         return self.shift_samples / self.sample_rate
 

@@ -62,6 +62,13 @@ def frame_mean_square(frames: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(frames, dim=-1, dtype=torch.float64).square() / frames.shape[-1]
 
 
+def _split_rows(a: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """``a`` [sum counts, ...] -> views of its consecutive row blocks, ``counts[i]`` rows each (np.split's
+    own bookkeeping cost more than the slicing, a stream a hop)."""
+    ends = np.cumsum(counts).tolist()
+    return [a[e - c:e] for e, c in zip(ends, counts)]
+
+
 class Frontend(nn.Module):
     """Log-Mel / delta / delta-delta segments and their CNN images.
 
@@ -126,22 +133,41 @@ class Frontend(nn.Module):
         copy: a live engine keeps its streams' frames there (a tensor call per stream a hop, each a kernel
         launch on a GPU, was what its frame buffers cost)."""
         cfg = self.config
-        waves = [w.reshape(-1) for w in waves]
-        counts = [cfg.frames_for(w.numel()) for w in waves]
-        lengths = [w.numel() for w in waves]
-        joined = (torch.cat(waves) if len(waves) > 1 else waves[0]).to(self.window) if waves else self.window[:0]
-        frames = [w.unfold(0, cfg.win_length, cfg.hop_length) for w, c in zip(joined.split(lengths), counts) if c]
-        frames = torch.cat(frames) if frames else self.window.new_zeros(0, cfg.win_length)  # [sum T_i, win]
+        frames, counts = self._frames_many(waves)  # [sum T_i, win], [T_i]
         log_mel = self._log_mel_frames(frames) if len(frames) else self.window.new_zeros(0, cfg.n_mels)
         if host:  # one copy to the host for all waveforms, split there (views, no tensor call per waveform)
-            log_mel = np.split(log_mel.cpu().numpy(), np.cumsum(counts[:-1])) if counts else []
+            log_mel = _split_rows(log_mel.cpu().numpy(), counts)
         else:
             log_mel = list(log_mel.split(counts))  # [T_i, M] each
         if not energy:
             return log_mel
         ms = frame_mean_square(frames).cpu()
-        return log_mel, ((np.split(ms.numpy(), np.cumsum(counts[:-1])) if counts else []) if host
-                         else list(ms.split(counts)))
+        return log_mel, _split_rows(ms.numpy(), counts) if host else list(ms.split(counts))
+
+    def _frames_many(self, waves) -> tuple[torch.Tensor, list[int]]:
+        """Waveforms (a list of [N_i], numpy arrays or tensors) -> every one's STFT frames, one after
+        another, on the front-end's device [sum T_i, win], and the frame counts [T_i]. A fixed number of
+        calls for any number of waveforms: the samples are joined on the host and moved in one copy, and
+        the frames are gathered from them by their start indices, computed on the host."""
+        cfg = self.config
+        if not waves:
+            return self.window.new_zeros(0, cfg.win_length), []
+        if isinstance(waves[0], np.ndarray):
+            joined = torch.from_numpy(np.concatenate([w.reshape(-1) for w in waves]).astype(np.float32, copy=False))
+            lengths = np.fromiter((w.size for w in waves), np.int64, len(waves))
+        else:
+            joined = torch.cat([w.reshape(-1) for w in waves]) if len(waves) > 1 else waves[0].reshape(-1)
+            lengths = np.fromiter((w.numel() for w in waves), np.int64, len(waves))
+        counts = np.where(lengths >= cfg.win_length, 1 + (lengths - cfg.win_length) // cfg.hop_length, 0)
+        # frame j of waveform i starts at sample offset_i + j hop of the joined samples
+        first = np.cumsum(counts) - counts
+        starts = (np.repeat(np.cumsum(lengths) - lengths, counts)
+                  + cfg.hop_length * (np.arange(counts.sum()) - np.repeat(first, counts)))
+        joined = joined.to(self.window)
+        if len(joined) < cfg.win_length:
+            return self.window.new_zeros(0, cfg.win_length), counts.tolist()
+        frames = joined.unfold(0, cfg.win_length, 1)[torch.from_numpy(starts).to(joined.device)]
+        return frames, counts.tolist()
 
     def segments_many(self, waves, stats=None) -> list[torch.Tensor]:
         """Whole files of any lengths at once: a list of [N_i] -> a list of segments [S_i, C, M, L], each

@@ -361,8 +361,7 @@ def compute_frames(streams: list[SegmentStream]) -> None:
         return
     t0 = time.perf_counter()
     with torch.no_grad():  # [k_i, M] and [k_i] each
-        lms, energies = todo[0][0].frontend.log_mel_many([torch.from_numpy(span) for _, span in todo],
-                                                         energy=True, host=True)
+        lms, energies = todo[0][0].frontend.log_mel_many([span for _, span in todo], energy=True, host=True)
     share = (time.perf_counter() - t0) / len(todo)
     for (st, _), x, e in zip(todo, lms, energies):
         st._add_frames(x, e)
@@ -480,7 +479,9 @@ class StreamingRecognizer:
         self.segmenter.reset()
         if adaptation:
             self.segmenter.reset_adaptation()
-        self._cache: deque[tuple[torch.Tensor, Segment]] = deque(maxlen=self.window)  # (projection [dirs, 4H], seg)
+        # the window: its segments' head input projections [dirs, 4H] and the segments, oldest first
+        self._projections: deque[torch.Tensor] = deque(maxlen=self.window)
+        self._segments: deque[Segment] = deque(maxlen=self.window)
         self._seq = 0
         self._flush_end = -1  # n_samples once the last flush's zeros are in: nothing more to flush then
 
@@ -507,7 +508,7 @@ class StreamingRecognizer:
         # with the statistics of this moment as in predict_window, rides in the same embedder batch
         # (one call of 2 instead of 2 calls of 1: FC6/FC7's weights are read once)
         # (and none at all when the padding segment is one embedded before: PaddingCache)
-        pad_feat = (self.padding_segment() if len(segs) == 1 and self.partial and len(self._cache) + 1 < self.window
+        pad_feat = (self.padding_segment() if len(segs) == 1 and self.partial and len(self._segments) + 1 < self.window
                     else None)
         pad = self.padding_cache.get(pad_feat) if pad_feat is not None else None
         if pad is not None:
@@ -537,8 +538,9 @@ class StreamingRecognizer:
         ``partial`` and this is one of the first 7 segments since the start or a reset)."""
         self.segments_seen += 1
         seg.embed_ms = embed_ms
-        self._cache.append((proj, seg))
-        return len(self._cache) == self.window or self.partial
+        self._projections.append(proj)
+        self._segments.append(seg)
+        return len(self._segments) == self.window or self.partial
 
     def window_projections(self, padding: torch.Tensor | None = None) -> torch.Tensor:
         """The current window's projections [8, dirs, 4H], oldest first; a window not yet full is completed
@@ -548,7 +550,7 @@ class StreamingRecognizer:
 
     def window_projection_list(self, padding: torch.Tensor | None = None) -> list[torch.Tensor]:
         """:meth:`window_projections` as a list of 8 [dirs, 4H] (an engine stacks many windows' in one call)."""
-        proj = [p for p, _ in self._cache]
+        proj = list(self._projections)
         if len(proj) < self.window:
             pad = (padding if padding is not None
                    else self.padding_cache.projections(self.model, [self.padding_segment()])[0])
@@ -557,7 +559,7 @@ class StreamingRecognizer:
 
     @property
     def window_is_full(self) -> bool:
-        return len(self._cache) == self.window
+        return len(self._segments) == self.window
 
     def padding_segment(self) -> torch.Tensor:
         """The segment of digital silence (log-Mel at the floor, zero deltas), normalised with the
@@ -595,12 +597,12 @@ class StreamingRecognizer:
         return self.make_prediction(probs, alpha[0].cpu().tolist(), 1e3 * (time.perf_counter() - t0))
 
     def window_segments(self) -> list[Segment]:
-        return [s for _, s in self._cache]
+        return list(self._segments)
 
     def make_prediction(self, probs: list[float], alpha: list[float], head_ms: float) -> Prediction:
         """The prediction for the cached window from the head's class probabilities [K] and attention over
         its segments [8], as lists (an engine converts a whole batch's in one call each)."""
-        segs = self.window_segments()
+        segs = self._segments
         first, last = segs[0], segs[-1]
         sr = self.cfg.sample_rate
         top = max(range(len(probs)), key=probs.__getitem__)  # the first of equal maxima, as np.argmax

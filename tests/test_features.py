@@ -152,13 +152,16 @@ def test_whole_files_at_once_equal_one_by_one(emodb_dir, normalization):
 
 
 def test_many_waveforms_log_mel_on_the_host_equal_the_tensors(emodb_dir):
-    """``log_mel_many(host=True)`` (what a live engine keeps its streams' frames in): the same numbers as the
-    tensors, one array per waveform, a waveform too short for a frame giving none; energies too."""
+    """``log_mel_many(host=True)`` (what a live engine keeps its streams' frames in) from numpy arrays: the
+    same numbers as the tensors from tensors, which are each waveform's frames alone; one array per
+    waveform, a waveform too short for a frame giving none; energies too."""
     fe = Frontend()
     waves = [load_audio(p)[:n] for p, n in zip(_some_files(emodb_dir, 3), (5120, 399, 16000))]
     lms, energies = fe.log_mel_many(waves, energy=True)
-    host_lms, host_energies = fe.log_mel_many(waves, energy=True, host=True)
+    host_lms, host_energies = fe.log_mel_many([w.numpy() for w in waves], energy=True, host=True)  # as the engine
     assert [x.shape for x in host_lms] == [(30, 64), (0, 64), (98, 64)]
+    for w, a in zip(waves, lms):  # each waveform's own frames, alone
+        torch.testing.assert_close(a, fe.log_mel(w)[0].T, rtol=1e-5, atol=1e-5)
     for a, b, e, f in zip(lms, host_lms, energies, host_energies):
         assert isinstance(b, np.ndarray) and b.dtype == np.float32 and f.dtype == np.float64
         np.testing.assert_array_equal(b, a.numpy())

@@ -9,7 +9,8 @@ carry p50/p95/p99. Real EMO-DB audio from ``../shared/data/emodb``.
 2. end to end over the websocket (sample arrival -> message received on loopback);
 3. the embedding cache's worth: per-hop compute with the cache against
    re-embedding all 8 segments of the window every hop;
-4. capacity: the most concurrent streams the engine keeps real-time;
+4. capacity: the most concurrent streams the engine keeps real-time, each prediction made into the
+   message the server sends (``to_dict`` and JSON, as the live path does; since 2026-11-27 09:20);
 5. front-end throughput against librosa on the whole corpus;
 6. stage-1 training throughput (segments per second).
 """
@@ -41,6 +42,7 @@ from stream_ser.config import FrontendConfig
 from stream_ser.engine import MultiStreamEngine
 from stream_ser.gcpause import startup_objects_frozen
 from stream_ser.model import CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, half_precision_cnn, quantize_for_cpu
+from stream_ser import protocol as P
 from stream_ser.protocol import percentiles
 from stream_ser.recognizer import PaddingCache, StreamingRecognizer, embed_and_project, warm_up
 
@@ -115,7 +117,6 @@ def hop_latency(model, audio: list[np.ndarray]) -> dict:
 def websocket_e2e(model, path: Path) -> dict:
     from websockets.asyncio.client import connect
 
-    from stream_ser import protocol as P
     from stream_ser.capture import FileSource
     from stream_ser.live import LiveApp
 
@@ -192,6 +193,7 @@ def capacity_run(model, n_streams: int, audio: list[np.ndarray], hops: int) -> d
             a = warm + h * cfg.shift_samples
             eng.feed(sid, x[a:a + cfg.shift_samples], arrival)
         for p in eng.step():
+            P.encode(P.prediction(p.to_dict()))  # the message the server sends: its cost counts, as it does live
             lat.append(1e3 * (time.perf_counter() - arrival))
     p = percentiles(lat)
     backlog_growing = late[-1] > HOP_S or (len(late) > 4 and late[-1] > late[len(late) // 2] + 0.05)

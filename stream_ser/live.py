@@ -105,6 +105,16 @@ class PredictionOutput:
                                            if pred.get("adaptation") else ""))
 
 
+def _emit_each(loop: asyncio.AbstractEventLoop, emit, preds: list[dict]) -> None:
+    """Hand each prediction to ``emit`` (on the loop thread); one that fails is reported as a failing callback
+    would be, and the others still go."""
+    for pred in preds:
+        try:
+            emit(pred)
+        except Exception as e:  # reported to the loop's exception handler, as a failing callback's is
+            loop.call_exception_handler({"message": "a prediction could not be handed on", "exception": e})
+
+
 class RecognizerWorker:
     """The recognizer thread: reads the local source, steps the engine (all streams batched), hands each
     prediction to ``emit`` on the loop thread, and flushes a final window when the source ends.
@@ -129,8 +139,8 @@ class RecognizerWorker:
 
     def _run(self, loop: asyncio.AbstractEventLoop, emit, done: asyncio.Event) -> None:
         def hand_on(preds):
-            for p in preds:
-                loop.call_soon_threadsafe(emit, p.to_dict())
+            if preds:  # one wake-up of the loop for a hop's predictions, not one per stream
+                loop.call_soon_threadsafe(_emit_each, loop, emit, [p.to_dict() for p in preds])
 
         try:
             while not self.stop.is_set():

@@ -244,3 +244,26 @@ def test_live_speaker_adaptation_with_enrolment(tmp_path, emodb_wav):
                           str(tmp_path / "missing.wav"), "--source", str(emodb_wav(FILE))],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--enroll" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_hops_predictions_go_on_together_and_one_failure_loses_no_other():
+    """The recognizer thread hands a hop's predictions to the loop in one wake-up (``_emit_each``); one that
+    cannot be sent is reported to the loop's exception handler, as a failing callback would be, and the
+    predictions after it still go out."""
+    from stream_ser.live import _emit_each
+    sent, reported = [], []
+
+    def emit(pred):
+        if pred["seq"] == 2:
+            raise RuntimeError("cannot send")
+        sent.append(pred["seq"])
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.set_exception_handler(lambda _, ctx: reported.append(ctx))
+        loop.call_soon_threadsafe(_emit_each, loop, emit, [{"seq": k} for k in (1, 2, 3)])
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.close()
+    assert sent == [1, 3]
+    assert len(reported) == 1 and isinstance(reported[0]["exception"], RuntimeError)

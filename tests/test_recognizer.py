@@ -209,3 +209,24 @@ def test_warm_up_runs_partial_and_full_windows_and_leaves_no_trace(audio):
                                [list(p.probabilities.values()) for p in a], atol=1e-6)
     with pytest.raises(ValueError, match="cannot run live"):
         warm_up(EmotionModel(FrontendConfig(normalization="utterance")))
+
+
+def test_a_predictions_dict_is_asdicts_and_its_own(emodb_wav):
+    """``Prediction.to_dict`` (built field by field, not by asdict's recursive copy) is exactly
+    ``dataclasses.asdict``, for a speaker-normalised model's predictions (adaptation set) too; and the dict
+    shares nothing mutable with the prediction, so whoever sends it may change it."""
+    import dataclasses
+    torch.manual_seed(3)
+    model = EmotionModel(FrontendConfig(image_size=64, normalization="speaker")).eval()
+    rec = StreamingRecognizer(model, stream="s")
+    preds = rec.push(load_audio(emodb_wav(FILE)).numpy()[:20000])
+    assert preds and preds[-1].adaptation is not None
+    for p in preds:
+        d = p.to_dict()
+        assert d == dataclasses.asdict(p) and list(d) == [f.name for f in dataclasses.fields(p)]
+    d = preds[-1].to_dict()
+    for name in ("probabilities", "timings_ms", "adaptation"):
+        d[name]["x"] = 1.0
+        assert "x" not in getattr(preds[-1], name)
+    d["attention"].append(1.0)
+    assert len(preds[-1].attention) == 8

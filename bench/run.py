@@ -10,7 +10,7 @@ carry p50/p95/p99. Real EMO-DB audio from ``../shared/data/emodb``.
 3. the embedding cache's worth: per-hop compute with the cache against
    re-embedding all 8 segments of the window every hop;
 4. capacity: the most concurrent streams the engine keeps real-time, each prediction made into the
-   message the server sends (``to_dict`` and JSON, as the live path does; since 2026-11-27 09:20);
+   message the server sends (``to_dict`` and JSON, as the live path does; since 2026-11-27 09:12);
 5. front-end throughput against librosa on the whole corpus;
 6. stage-1 training throughput (segments per second).
 """
@@ -596,6 +596,26 @@ CPU_NOTES = [
     "--timing --partial-windows`, three alternating pairs against 0d54f55): median 137-140 -> 107-123 ms, about "
     "a full-window hop's 106-111 ms. The capacity ladder does not see it: its streams start together and it "
     "times full windows only.",
+    "- 2026-11-27, 09:12-09:21, the int8 and `default.pt` sections above: less of an engine hop's work done "
+    "stream by stream (`git log 170b8e3..01f4f86`). Each stream's log-Mel frames are kept on the host (a numpy "
+    "append instead of a `torch.cat` per stream, which on a GPU is a kernel launch each); every stream's STFT "
+    "frames are gathered by start index from one joined buffer (`Frontend._frames_many`), with no unfold and cat "
+    "per stream; every new segment's speech-detector frame mask comes from one call (`vad.frame_masks`); the "
+    "speaker statistics of all streams are added in three `foreach` calls (`RunningStats.add_each`); the "
+    "detector's history is an array, its queue the unscored samples themselves; blocks are checked by their "
+    "extremes; and the moments run on the segments' device. Under the profiler (`python -m bench.profile_engine "
+    "--checkpoint bundled --streams 256`) the own time of functions called once per stream or more fell from 36 "
+    "to 18 ms a hop. Hop medians, alternating pairs against 170b8e3 (`--timing`): 512 streams 229-235 -> 205-212 "
+    "ms (three pairs), 256 fresh streams' partial-window hops 109-110 -> 101-102 ms (`--partial-windows`, two "
+    "pairs). Besides, a prediction's dict is built field by field (`Prediction.to_dict`, 31 -> 1.0 us; with its "
+    "JSON message 9.8 us), and the live recognizer hands a hop's predictions to the server's loop in one wake-up. "
+    "Since this run the capacity ladder makes every prediction into the message the server sends (`to_dict` and "
+    "JSON), as `stream-ser live` does, so these capacities carry a cost the earlier ones did not (with `asdict`, "
+    "about 18 ms a hop at 576 streams; now 6). Against 07:29's run: 227 px 192 -> 224 streams (256 missed, p99 353 ms), "
+    "112 px 512 -> 576 (640 missed), the bundled model 512 -> 576 (640 missed, p99 326 ms); one stream p99 227 px "
+    "8.2 -> 8.3 ms, 112 px 5.7 -> 4.1, the bundled model 4.7 -> 3.4 (p50 3.0). One run each: capacity near its "
+    "edge moves by a rung between runs (the 07:29 note); the hop medians above are the firmer figure. The "
+    "previous section is `bench/results/history/cpu-2threads-amd-epyc-int8-2026-11-27-0729.json`.",
     "",
 ]
 

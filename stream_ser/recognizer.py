@@ -420,8 +420,8 @@ def make_segments(streams: list[SegmentStream]) -> list[list[Segment]]:
     t0 = time.perf_counter()
     fe = jobs[0][0].frontend
     with torch.no_grad():
-        static = np.stack([static.T for _, _, static in jobs])  # [N, M, L], stacked on the host: one copy over
-        raw = fe._with_deltas(torch.from_numpy(static).to(fe.window.device))  # [N, C, M, L]
+        statics = np.stack([frames.T for _, _, frames in jobs])  # [N, M, L], stacked on the host: one copy over
+        raw = fe._with_deltas(torch.from_numpy(statics).to(fe.window.device))  # [N, C, M, L]
         if jobs[0][0].adaptation is None:  # one model, so no stream adapts (not speaker-normalised)
             feats, infos = fe.normalize(raw), [None] * len(jobs)
         else:  # every segment's speech-frame moments in one call, added stream by stream in order

@@ -114,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--loop", action="store_true", help="replay a file forever")
     lv.add_argument("--wait-for-subscriber", action="store_true", help="hold the source until a subscriber connects")
     lv.add_argument("--input-device", default=None, help="microphone by index or name (see `stream-ser devices`)")
-    lv.add_argument("--queue-size", type=_positive, default=256, help="messages queued per subscriber before the oldest drop")
+    lv.add_argument("--queue-size", type=_positive, default=256,
+                    help="messages queued per subscriber (per stream, for one that follows every stream) before the "
+                         "oldest drop")
+    lv.add_argument("--compress", action="store_true",
+                    help="offer websocket compression (permessage-deflate) for slow links; off by default, as it costs "
+                         "both ends CPU for every message and hardly shrinks audio")
     lv.add_argument("--producers", action="store_true",
                     help="also take audio from websocket producers (binary 16-bit PCM frames; each gets a stream id)")
     lv.add_argument("--max-frame-bytes", type=_frame_bytes, default=64_000,
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         source = open_source(args)
         app = LiveApp(model, source, args.host, args.port, args.token, dashboard=args.dashboard and not args.quiet,
                       log_lines=not args.dashboard and not args.quiet, wait_for_subscriber=args.wait_for_subscriber,
-                      queue_size=args.queue_size, producers=args.producers,
+                      queue_size=args.queue_size, producers=args.producers, compress=args.compress,
                       limits=ProducerLimits(args.max_frame_bytes, realtime_only=not args.allow_fast_producers),
                       adapt=args.adapt, enroll=enroll, vad=args.vad)
     except (CheckpointError, CaptureError, ValueError, VadError) as e:

@@ -173,7 +173,7 @@ class LiveApp:
     def __init__(self, model, source, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
                  dashboard: bool = True, log_lines: bool = False, wait_for_subscriber: bool = False,
                  queue_size: int = 256, producers: bool = False, limits: ProducerLimits | None = None,
-                 out=None, console=None, adapt: bool = True, enroll=None, vad: bool = True):
+                 out=None, console=None, adapt: bool = True, enroll=None, vad: bool = True, compress: bool = False):
         check_streamable(model)
         self.model = model
         self.source = source
@@ -190,7 +190,7 @@ class LiveApp:
         self.broadcaster = Broadcaster(self._hello, host, port, token, FlowControl(queue_size=queue_size),
                                        on_producer=self.producers.add if producers else None,
                                        on_audio=self.producers.audio, on_disconnect=self.producers.remove,
-                                       limits=limits, streams=lambda: list(self.engine.streams))
+                                       limits=limits, streams=self.engine.streams.keys, compress=compress)
         self.output = PredictionOutput(self.broadcaster, self.out, log_lines)
         self.worker = RecognizerWorker(self.engine, source, self.recognizer)
         ad = self.recognizer.segmenter.adaptation_info() if self.recognizer is not None else None

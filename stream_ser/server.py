@@ -84,9 +84,10 @@ class Client:
         self.stream_filter = P.ALL_STREAMS
         self.producer: ProducerState | None = None
 
-    def offer(self, item: str | dict) -> None:
-        """Queue an encoded message (or a status dict, personalised at send time)."""
-        if len(self.queue) >= self.queue_size:
+    def offer(self, item: str | dict, limit: int | None = None) -> None:
+        """Queue an encoded message (or a status dict, personalised at send time); beyond ``limit`` queued
+        messages (default ``queue_size``) the oldest is dropped."""
+        if len(self.queue) >= (limit or self.queue_size):
             self.queue.popleft()
             self.dropped += 1
         else:
@@ -253,7 +254,9 @@ class Broadcaster:
     rate) and ``on_audio`` (gets the checked 16-bit PCM bytes) it accepts producers;
     ``limits`` are enforced, and a producer that breaks them gets an ``error`` and is
     closed (4429) without disturbing anyone else. ``streams()`` (optional) lists the
-    stream ids a subscriber may follow; another id gets an ``unknown_stream`` error.
+    stream ids a subscriber may follow (another id gets an ``unknown_stream`` error); their number sets
+    how many messages a subscriber to every stream may queue (see :meth:`publish`). ``compress``: offer
+    permessage-deflate (for slow links; it costs CPU on both ends for every message).
     """
 
     def __init__(self, hello: Callable[[], dict], host: str = "127.0.0.1", port: int = 8765,
@@ -262,8 +265,13 @@ class Broadcaster:
                  on_producer: Callable[[Client, int], str] | None = None,
                  on_audio: Callable[[Client, bytes], Any] | None = None,
                  on_disconnect: Callable[[Client], Any] | None = None, limits: ProducerLimits | None = None,
-                 streams: Callable[[], Collection[str]] | None = None):
+                 streams: Callable[[], Collection[str]] | None = None, compress: bool = False):
         self.hello = hello
+        # permessage-deflate off unless asked for: clients offer it by default, and then every producer's
+        # audio frame was compressed by the client and inflated here (PCM hardly shrinks) and every
+        # prediction deflated once per subscriber; at 320 producers on 2 cores that was half a core of
+        # the clients' and a third of the server loop's time (bench.server_capacity)
+        self.compress = compress
         self.host = host
         self.port = port
         self.token = token
@@ -288,7 +296,8 @@ class Broadcaster:
         # the websocket library's own frame limit must not answer before ours (1009, no error message)
         max_size = max(self.max_message_bytes, self.limits.max_frame_bytes) + 1024
         self._server = await serve(self._handle, self.host, self.port, max_size=max_size,
-                                   ping_interval=20, ping_timeout=20, close_timeout=2, open_timeout=10)
+                                   ping_interval=20, ping_timeout=20, close_timeout=2, open_timeout=10,
+                                   compression="deflate" if self.compress else None)
         self.port = self._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
 
     @property
@@ -298,12 +307,16 @@ class Broadcaster:
 
     # --- sending ------------------------------------------------------------------
     def publish(self, msg: dict, stream: str | None = None) -> None:
-        """Encode once, queue for every subscriber that follows ``stream`` (call on the loop's thread)."""
+        """Encode once, queue for every subscriber that follows ``stream`` (call on the loop's thread). A
+        subscriber to every stream may queue ``queue_size`` messages per stream (``streams()``, when given):
+        each hop brings one prediction per stream at once, and with more streams than ``queue_size`` a
+        fixed bound dropped part of every hop however fast it read."""
         text = P.encode(msg)
+        everything = self.flow.queue_size * max(1, len(self.streams())) if self.streams is not None else None
         for c in self.clients:
             if c.wants(stream):
                 before = c.dropped
-                c.offer(text)
+                c.offer(text, everything if c.stream_filter == P.ALL_STREAMS else None)
                 self.dropped_total += c.dropped - before
 
     def publish_status(self, status: dict) -> None:

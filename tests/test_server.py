@@ -189,3 +189,64 @@ def test_close_sends_end_and_closes_cleanly():
                 await _recv(ws)
             assert e.value.rcvd.code == P.CLOSE_GOING_AWAY
     asyncio.run(main())
+
+
+def test_a_hop_of_more_streams_than_the_queue_reaches_an_all_streams_subscriber_whole():
+    """Each hop publishes one prediction per stream at once. A subscriber to every stream may queue
+    ``queue_size`` messages per stream, so a hop of 40 streams through a queue of 16 arrives whole (a fixed
+    bound dropped 24 of every such hop however fast the subscriber read); a subscriber to one stream keeps
+    the plain bound, and drops the oldest beyond it."""
+    streams = [f"p{k}" for k in range(40)]
+
+    async def main():
+        srv = _server(flow=FlowControl(queue_size=16), streams=lambda: streams)
+        await srv.start()
+        everything, one = await connect(srv.url), await connect(srv.url)
+        for ws in (everything, one):
+            assert (await _recv(ws))["type"] == "hello"
+        await one.send(P.encode(P.subscribe("p3")))
+        await asyncio.sleep(0.2)  # the subscription is in
+        for hop in range(2):
+            for sid in streams:  # one hop: every stream's prediction, published back to back
+                msg = _pred(hop + 1)
+                msg["stream"] = sid
+                srv.publish(msg, sid)
+            for _ in range(20):  # p3's subscriber: 20 more predictions than its queue holds
+                msg = _pred(100 + _)
+                msg["stream"] = "p3"
+                srv.publish(msg, "p3")
+        got = [await _recv(everything) for _ in range(2 * (len(streams) + 20))]
+        assert [m["stream"] for m in got[:len(streams)]] == streams  # the whole first hop, in order
+        assert all(m["type"] == "prediction" for m in got)
+        mine = []
+        try:
+            while True:
+                mine.append(await _recv(one, timeout=1.0))
+        except asyncio.TimeoutError:
+            pass
+        assert len(mine) == 16 and mine[-1]["seq"] == 119  # its queue kept the newest 16 of 42
+        for ws in (everything, one):
+            await ws.close()
+        await srv.close()
+        return srv.dropped_total
+
+    assert asyncio.run(main()) == 2 * (1 + 20) - 16  # only the one-stream subscriber lost any
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_websocket_compression_only_when_asked_for(compress):
+    """Clients offer permessage-deflate by default; the server takes it only with ``compress``
+    (``--compress``): otherwise every producer's audio frame would be deflated by the client and inflated by
+    the server, and every prediction deflated for every subscriber. Messages arrive either way."""
+    async def main():
+        srv = _server(compress=compress)
+        await srv.start()
+        async with connect(srv.url) as ws:  # offers permessage-deflate, as websockets clients do by default
+            assert (await _recv(ws))["type"] == "hello"
+            srv.publish(_pred(1))
+            assert (await _recv(ws))["seq"] == 1
+            names = [type(e).__name__ for e in ws.protocol.extensions]
+        await srv.close()
+        return names
+
+    assert asyncio.run(main()) == (["PerMessageDeflate"] if compress else [])

@@ -44,14 +44,14 @@ SEGMENT_SAMPLES, SHIFT_SAMPLES = 10_480, 5_120  # the bundled model's (FrontendC
 STEADY_AFTER_S = 3.0  # windows ending before this are the start-up (partial windows, connection set-up)
 CLIENT_LATE_S = 0.1  # the clients sending later than this behind their clock: client-bound
 OUT = Path(__file__).resolve().parent / "results" / "server"
-EMODB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "emodb" / "wav"
+EMODB = Path(os.environ.get("STREAM_SER_EMODB", Path(__file__).resolve().parents[2] / "shared" / "data" / "emodb"))
 
 
-def _pcm(n: int, seconds: float) -> list[np.ndarray]:
+def _pcm(n: int, seconds: float, emodb: Path = EMODB) -> list[np.ndarray]:
     """n different EMO-DB recordings as int16 PCM at 16 kHz, each tiled to ``seconds`` (real speech)."""
-    files = sorted(EMODB.glob("*.wav"))
+    files = sorted((emodb / "wav").glob("*.wav"))
     if not files:
-        raise SystemExit(f"EMO-DB not found at {EMODB.resolve()}")
+        raise SystemExit(f"EMO-DB not found at {emodb.resolve()} (--emodb, or STREAM_SER_EMODB)")
     out = []
     for i in range(n):
         x, rate = sf.read(files[(i * 7) % len(files)], dtype="int16")
@@ -186,12 +186,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="audio each producer sends")
     ap.add_argument("--checkpoint", default=None, help="the server's model (default: the bundled one)")
     ap.add_argument("--out", type=Path, default=None, help="the JSON to write")
+    ap.add_argument("--emodb", type=Path, default=EMODB, help="the EMO-DB folder (with wav/)")
     args = ap.parse_args(argv)
     runs = []
     for n in args.ladder:
         proc, url = _start_server(args)
         try:
-            r = asyncio.run(_rung(url, _pcm(n, args.seconds), args.seconds, proc.pid))
+            r = asyncio.run(_rung(url, _pcm(n, args.seconds, args.emodb), args.seconds, proc.pid))
         finally:
             proc.terminate()
             try:

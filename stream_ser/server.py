@@ -312,7 +312,7 @@ class Broadcaster:
         each hop brings one prediction per stream at once, and with more streams than ``queue_size`` a
         fixed bound dropped part of every hop however fast it read."""
         text = P.encode(msg)
-        everything = self.flow.queue_size * max(1, len(self.streams())) if self.streams is not None else None
+        everything = self._everything_limit()
         for c in self.clients:
             if c.wants(stream):
                 before = c.dropped
@@ -320,10 +320,15 @@ class Broadcaster:
                 self.dropped_total += c.dropped - before
 
     def publish_status(self, status: dict) -> None:
+        everything = self._everything_limit()  # (with the plain bound, a status pushed a prediction out)
         for c in self.clients:
             before = c.dropped
-            c.offer(dict(status))
+            c.offer(dict(status), everything if c.stream_filter == P.ALL_STREAMS else None)
             self.dropped_total += c.dropped - before
+
+    def _everything_limit(self) -> int | None:
+        """The queue bound of a subscriber to every stream: ``queue_size`` per stream (None: the plain bound)."""
+        return self.flow.queue_size * max(1, len(self.streams())) if self.streams is not None else None
 
     # --- receiving ----------------------------------------------------------------
     def _authorized(self, ws: ServerConnection) -> bool:

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -197,3 +198,21 @@ def test_bench_profile_engine_times_hops_without_the_profiler(emodb_dir, variant
                   rf"ms, fastest ([\d.]+) ms a hop over {hops} hops", r.stdout)
     assert m and 0 < float(m[2]) <= float(m[1]), r.stdout[:500]
     assert "ncalls" not in r.stdout  # no profile printed
+
+
+def test_server_capacity_bench_runs_a_real_server_with_real_producers(tmp_path, emodb_dir):
+    """bench.server_capacity, one tiny rung: `stream-ser live --source none --producers` in its own process, two
+    websocket producers sending real EMO-DB speech at real-time pace, one subscriber to every stream: every
+    prediction due arrives, with its latency and each side's CPU written down."""
+    import json
+    out = tmp_path / "capacity.json"
+    r = subprocess.run([sys.executable, "-m", "bench.server_capacity", "--ladder", "2", "--seconds", "4",
+                        "--emodb", str(emodb_dir), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    rung = d["ladder"][0]
+    assert rung["producers"] == 2 and rung["predictions_due"] == 2 * 11  # 4 s: 11 segments a stream
+    assert rung["predictions_received"] == rung["predictions_due"] and rung["complete"]
+    assert 0 < rung["latency_ms"]["p50"] <= rung["latency_ms"]["p99"] < 5000
+    assert rung["server_other_cpu_share"] > 0 and "server_capacity" in d["command"]

@@ -61,10 +61,22 @@ def _pcm(n: int, seconds: float, emodb: Path = EMODB) -> list[np.ndarray]:
     return out
 
 
+def _allow_sockets(n: int) -> None:
+    """Raise this process's open-file limit (which the server, its child, inherits) to ``n`` where the hard
+    limit allows: every producer is a socket on each side, and soft limits are often 1024."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < n:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def _start_server(args) -> tuple[subprocess.Popen, str]:
     # --quiet: no line per prediction on stdout (thousands a second here; a terminal or a log reader that
     # falls behind would hold up the server's loop)
-    cmd = [str(Path(sys.executable).parent / "stream-ser"), "live", "--source", "none", "--producers",
+    cmd = [sys.executable, "-m", "stream_ser", "live", "--source", "none", "--producers", "--device", args.device,
            "--no-dashboard", "--quiet", "--port", "0", "--max-frame-bytes", str(int(2 * FRAME_S * RATE))]
     if args.checkpoint:
         cmd += ["--checkpoint", args.checkpoint]
@@ -162,20 +174,20 @@ async def _rung(url: str, pcm: list[np.ndarray], seconds: float, server_pid: int
     for s, _, _ in ours:
         counts[s] = counts.get(s, 0) + 1
     complete = len(counts) == len(sids) and all(counts.get(s, 0) >= per_segment for s in sids)
-    lat = np.array(steady) if steady else np.array([np.inf])
     half = len(steady) // 2
     growing = bool(half and np.median(steady[half:]) > np.median(steady[:half]) + 50.0)
-    p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+    # (None: no prediction of a steady window arrived at all)
+    p50, p99, worst = (round(float(v), 1) for v in np.percentile(steady, [50, 99, 100])) if steady else (None,) * 3
     return {"producers": len(pcm), "predictions_due": per_segment * len(pcm), "predictions_received": len(ours),
-            "complete": complete, "latency_ms": {"p50": round(p50, 1), "p99": round(p99, 1),
-                                                 "max": round(float(lat.max()), 1)},
+            "complete": complete, "latency_ms": {"p50": p50, "p99": p99, "max": worst},
             "latency_growing": growing, "client_late_ms": round(1e3 * late, 1),
             "client_cpu_share": round(client_cpu, 2),
             # what the server used while the producers sent, in cores: its event loop (the websockets, the
             # predictions' JSON and fan-out) and its other threads (the recognizer and torch's workers)
             "server_loop_cpu_share": round(server_loop_cpu, 2), "server_other_cpu_share": round(server_other_cpu, 2),
             "client_bound": late > CLIENT_LATE_S,
-            "realtime": bool(complete and p99 < 1e3 * HOP_S and not growing and late <= CLIENT_LATE_S)}
+            "realtime": bool(complete and p99 is not None and p99 < 1e3 * HOP_S and not growing
+                             and late <= CLIENT_LATE_S)}
 
 
 def main(argv=None) -> int:
@@ -185,10 +197,21 @@ def main(argv=None) -> int:
                     help="producer counts, in order; stops at the first rung not kept")
     ap.add_argument("--seconds", type=float, default=10.0, help="audio each producer sends")
     ap.add_argument("--checkpoint", default=None, help="the server's model (default: the bundled one)")
+    ap.add_argument("--device", default="auto", help="the server's --device (default auto: a GPU where there is one)")
     ap.add_argument("--out", type=Path, default=None, help="the JSON to write")
     ap.add_argument("--emodb", type=Path, default=EMODB, help="the EMO-DB folder (with wav/)")
     args = ap.parse_args(argv)
-    runs = []
+    _allow_sockets(2 * max(args.ladder) + 256)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") or "cpu"
+    out = args.out or OUT / f"capacity-{os.cpu_count()}cores-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"what": "websocket producers one `stream-ser live --source none --producers` server carries in "
+                      "real time, end to end", "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu,
+              "cores": os.cpu_count(), "checkpoint": args.checkpoint or "bundled", "device": args.device,
+              "seconds": args.seconds, "frame_s": FRAME_S, "capacity": 0, "ladder": [],
+              "command": "python -m bench.server_capacity " + " ".join(argv if argv is not None else sys.argv[1:])}
     for n in args.ladder:
         proc, url = _start_server(args)
         try:
@@ -199,7 +222,9 @@ def main(argv=None) -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        runs.append(r)
+        result["ladder"].append(r)
+        result["capacity"] = max([x["producers"] for x in result["ladder"] if x["realtime"]], default=0)
+        out.write_text(json.dumps(result, indent=1) + "\n")  # after every rung: a run cut short keeps its rungs
         print(f"  {n:5d} producers: {r['predictions_received']}/{r['predictions_due']} predictions, latency p50 "
               f"{r['latency_ms']['p50']} p99 {r['latency_ms']['p99']} ms, clients late {r['client_late_ms']} ms, "
               f"cores used: clients {r['client_cpu_share']:.2f}, server loop {r['server_loop_cpu_share']:.2f}, "
@@ -207,18 +232,6 @@ def main(argv=None) -> int:
               + (" (client-bound)" if r["client_bound"] else ""), flush=True)
         if not r["realtime"]:
             break
-    kept = [r["producers"] for r in runs if r["realtime"]]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    result = {"what": "websocket producers one `stream-ser live --source none --producers` server carries in "
-                      "real time, end to end", "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu,
-              "cores": os.cpu_count(), "checkpoint": args.checkpoint or "bundled", "seconds": args.seconds,
-              "frame_s": FRAME_S, "capacity": max(kept) if kept else 0, "ladder": runs,
-              "command": "python -m bench.server_capacity " + " ".join(argv if argv is not None else sys.argv[1:])}
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") or "cpu"
-    out = args.out or OUT / f"capacity-{os.cpu_count()}cores-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"capacity {result['capacity']} producers; wrote {out}")
     return 0
 

@@ -7,7 +7,8 @@
 #   4. the bundled model as `stream-ser live --device cuda` runs it (64 px, speaker normalisation), where
 #      its engine hop goes at 1024 streams (bench.profile_engine), and its hop's median at 1024 and 2048
 #      streams fed as fast as possible (--timing: under 320 ms is what 2000 real-time streams need), and
-#      at 1024 fresh streams, all in partial windows (a burst of new streams).
+#      at 1024 fresh streams, all in partial windows (a burst of new streams);
+#   5. the producers one `stream-ser live` server on the GPU carries end to end (bench.server_capacity).
 # Writes under $OUT (the device's, else runs/gpu-bench): bench/<machine>[-fp16].json, agree-*.json, *.log.
 # Merge bench/*.json into bench/results/ here (the bundled model's section joins <machine>.json).
 set -u
@@ -31,3 +32,6 @@ for n in 1024 2048; do
 done 2>&1 | tee "$DEST/timing-bundled.log"
 python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 1024 --timing --partial-windows \
     2>&1 | tee -a "$DEST/timing-bundled.log"
+# the whole server end to end: real websocket producers and a subscriber (about 30 s a rung)
+timeout 150 python3 -m bench.server_capacity --ladder 512 1024 2048 --seconds 8 --out "$DEST/server-capacity.json" \
+    2>&1 | tee "$DEST/server-capacity.log" | tail -4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
 import signal
 import sys
 import threading
@@ -63,6 +64,44 @@ class ProducerStreams:
             self._resamplers.pop(client.producer.stream_id, None)
 
 
+class LineWriter:
+    """Log lines written by a thread of their own, so that a terminal or pipe that is read slowly, or not at all
+    (a supervisor that never drains stdout), never holds up the event loop that serves the websockets. Up to
+    ``max_lines`` wait; beyond that the newest are dropped and counted (``dropped``), and the next line written
+    says how many. ``close()`` writes what waits (for up to ``timeout`` s)."""
+
+    def __init__(self, out, max_lines: int = 10_000):
+        self.out = out
+        self.dropped = 0
+        self._told = 0
+        self._lines: queue.Queue[str | None] = queue.Queue(max_lines)
+        self._thread = threading.Thread(target=self._run, name="log-lines", daemon=True)
+        self._thread.start()
+
+    def write(self, line: str) -> None:
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while (line := self._lines.get()) is not None:
+            if self.dropped > self._told:  # (read here, written on the loop thread: a count, not exact)
+                line = f"({self.dropped - self._told} log lines dropped: nobody read them in time)\n{line}"
+                self._told = self.dropped
+            try:
+                print(line, file=self.out, flush=True)
+            except (OSError, ValueError):  # a closed or broken stream: the lines go nowhere, the server goes on
+                pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self._lines.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+
 class PredictionOutput:
     """Where each prediction goes (loop thread): subscribers, the dashboard, optional log lines, the latency
     window. Non-finite outputs are never serialised: they are counted and reported as ``bad_output``."""
@@ -70,7 +109,7 @@ class PredictionOutput:
     def __init__(self, broadcaster: Broadcaster, out, log_lines: bool):
         self.broadcaster = broadcaster
         self.out = out
-        self.log_lines = log_lines
+        self.lines = LineWriter(out) if log_lines else None  # a line per prediction, off the loop's thread
         self.dashboard = None
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.bad_outputs = 0
@@ -91,8 +130,8 @@ class PredictionOutput:
         self.broadcaster.publish(msg, pred.get("stream"))
         if self.dashboard is not None:
             self.dashboard.update(msg)
-        if self.log_lines:
-            print(self.line(pred), file=self.out, flush=True)
+        if self.lines is not None:
+            self.lines.write(self.line(pred))
 
     @staticmethod
     def line(pred: dict) -> str:
@@ -278,9 +317,14 @@ class LiveApp:
             dash.__exit__(None, None, None)
         await self.broadcaster.close(reason)
         c = final["counters"] or {"predictions": 0, "segments_seen": 0, "segments_embedded": 0}
-        print(f"{reason}: {c['predictions']} predictions, {c['segments_seen']} segments, "
-              f"{c['segments_embedded']} embedded ({c['segments_embedded'] / max(c['segments_seen'], 1):.2f} per segment); "
-              f"overruns {final['overruns']}; latency {final['latency_ms']}", file=self.out, flush=True)
+        summary = (f"{reason}: {c['predictions']} predictions, {c['segments_seen']} segments, "
+                   f"{c['segments_embedded']} embedded ({c['segments_embedded'] / max(c['segments_seen'], 1):.2f} "
+                   f"per segment); overruns {final['overruns']}; latency {final['latency_ms']}")
+        if self.output.lines is not None:  # after the log lines, through their writer (which may be stuck)
+            self.output.lines.write(summary)
+            await asyncio.get_running_loop().run_in_executor(None, self.output.lines.close)
+        else:
+            print(summary, file=self.out, flush=True)
         if self.error is not None:
             raise self.error
         return 0

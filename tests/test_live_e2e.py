@@ -267,3 +267,54 @@ def test_a_hops_predictions_go_on_together_and_one_failure_loses_no_other():
         loop.close()
     assert sent == [1, 3]
     assert len(reported) == 1 and isinstance(reported[0]["exception"], RuntimeError)
+
+
+def test_a_stdout_nobody_reads_does_not_stop_the_server(emodb_wav):
+    """`live --no-dashboard` writes a line per prediction. Here its stdout is a pipe that nobody reads after the
+    first line, so it fills after a few hundred lines; the lines are written by a thread of their own, so the
+    websocket server goes on serving every prediction, and the process still ends cleanly when stopped."""
+    proc, url = _start(["live", "--source", str(emodb_wav(FILE)), "--fast", "--loop", "--no-dashboard",
+                        "--port", "0", "--wait-for-subscriber"])
+    try:
+        msgs = asyncio.run(_collect(url, until_end=False, n=1200, timeout=120.0))
+        preds = [m for m in msgs if m["type"] == "prediction"]
+        assert len(preds) == 1200  # about 150 kB of log lines: more than twice what the pipe holds
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_log_lines_beyond_what_waits_are_dropped_counted_and_said():
+    """``LineWriter``: while its output is stuck, at most ``max_lines`` wait; the rest are dropped, counted,
+    and the next line written says how many; ``close()`` writes what waited."""
+    import io
+    import threading
+
+    from stream_ser.live import LineWriter
+
+    class Stuck(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.entered, self.go = threading.Event(), threading.Event()
+
+        def write(self, s):
+            self.entered.set()
+            self.go.wait(10)
+            return super().write(s)
+
+    out = Stuck()
+    w = LineWriter(out, max_lines=2)
+    w.write("line 0")
+    assert out.entered.wait(10)  # the writer is stuck writing line 0
+    for k in range(1, 10):
+        w.write(f"line {k}")
+    assert w.dropped == 7  # lines 1 and 2 wait, 3-9 are dropped
+    out.go.set()
+    deadline = time.monotonic() + 10
+    while w._lines.qsize() and time.monotonic() < deadline:  # the writer catches up
+        time.sleep(0.01)
+    w.write("after")
+    w.close()
+    assert out.getvalue() == ("line 0\n(7 log lines dropped: nobody read them in time)\nline 1\nline 2\nafter\n")

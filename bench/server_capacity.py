@@ -14,7 +14,7 @@ under the 320 ms hop, and that latency does not grow over the run. The clients s
 with the server; their own CPU time and how late they sent are reported, and a rung where they fell behind
 is marked client-bound (then the server was not what ran out).
 
-Writes ``bench/results/server/capacity-<machine>.json``. About 30 s a rung.
+Writes ``bench/results/server/capacity-<cores>cores-<cpu>.json`` (after every rung). About 30 s a rung.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from stream_ser import protocol as P
 HOP_S = 0.32
 FRAME_S = 0.1  # a producer's frame: what a client buffering its microphone for 100 ms sends
 RATE = 16_000
-SEGMENT_SAMPLES, SHIFT_SAMPLES = 10_480, 5_120  # the bundled model's (FrontendConfig defaults)
 STEADY_AFTER_S = 3.0  # windows ending before this are the start-up (partial windows, connection set-up)
 CLIENT_LATE_S = 0.1  # the clients sending later than this behind their clock: client-bound
 OUT = Path(__file__).resolve().parent / "results" / "server"
@@ -54,9 +53,10 @@ def _pcm(n: int, seconds: float, emodb: Path = EMODB) -> list[np.ndarray]:
         raise SystemExit(f"EMO-DB not found at {emodb.resolve()} (--emodb, or STREAM_SER_EMODB)")
     out = []
     for i in range(n):
-        x, rate = sf.read(files[(i * 7) % len(files)], dtype="int16")
+        path = files[(i * 7) % len(files)]  # neighbours in the list are often one speaker's: spread them
+        x, rate = sf.read(path, dtype="int16")
         if rate != RATE or x.ndim != 1:
-            raise SystemExit(f"{files[i % len(files)]}: expected 16 kHz mono")
+            raise SystemExit(f"{path}: expected 16 kHz mono")
         out.append(np.tile(x, int(np.ceil(seconds * RATE / len(x))))[: int(seconds * RATE)])
     return out
 
@@ -74,8 +74,8 @@ def _allow_sockets(n: int) -> None:
 
 
 def _start_server(args) -> tuple[subprocess.Popen, str]:
-    # --quiet: no line per prediction on stdout (thousands a second here; a terminal or a log reader that
-    # falls behind would hold up the server's loop)
+    # --quiet: no line per prediction on stdout (over a thousand a second here: a cost a deployment this
+    # size would not pay)
     cmd = [sys.executable, "-m", "stream_ser", "live", "--source", "none", "--producers", "--device", args.device,
            "--no-dashboard", "--quiet", "--port", "0", "--max-frame-bytes", str(int(2 * FRAME_S * RATE))]
     if args.checkpoint:
@@ -112,12 +112,16 @@ def _thread_cpu_s(pid: int) -> tuple[float, float]:
 async def _rung(url: str, pcm: list[np.ndarray], seconds: float, server_pid: int | None = None) -> dict:
     """N producers at real-time pace and one subscriber to every stream; what the subscriber got, and when."""
     got: list[tuple[str, float, float]] = []  # (stream, window end s, latency ms)
+    geometry: dict[str, int] = {}  # segment and shift in samples, from the server's hello
     ready = asyncio.Event()
     done = asyncio.Event()
 
     async def subscriber():
         async with connect(url, max_size=None) as ws:
-            P.decode(await ws.recv(), allowed=P.SERVER_TYPES)  # hello
+            hello = P.decode(await ws.recv(), allowed=P.SERVER_TYPES)
+            fe = hello["frontend"]  # the server's model's segments: how many predictions each stream is due
+            geometry["segment"] = (fe["segment_frames"] - 1) * fe["hop_length"] + fe["win_length"]
+            geometry["shift"] = fe["segment_shift"] * fe["hop_length"]
             await ws.send(P.encode(P.subscribe(P.ALL_STREAMS)))
             ready.set()
             while not done.is_set():
@@ -167,7 +171,7 @@ async def _rung(url: str, pcm: list[np.ndarray], seconds: float, server_pid: int
     await sub
     for ws in socks:
         await ws.close()
-    per_segment = 1 + (int(due_end * RATE) - SEGMENT_SAMPLES) // SHIFT_SAMPLES
+    per_segment = 1 + (int(due_end * RATE) - geometry["segment"]) // geometry["shift"]
     ours = [g for g in got if g[0] in set(sids) and g[1] <= due_end + 1e-6]
     steady = [g[2] for g in ours if g[1] >= STEADY_AFTER_S]
     counts = {}

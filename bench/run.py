@@ -611,11 +611,14 @@ CPU_NOTES = [
     "JSON message 9.8 us), and the live recognizer hands a hop's predictions to the server's loop in one wake-up. "
     "Since this run the capacity ladder makes every prediction into the message the server sends (`to_dict` and "
     "JSON), as `stream-ser live` does, so these capacities carry a cost the earlier ones did not (with `asdict`, "
-    "about 18 ms a hop at 576 streams; now 6). Against 07:29's run: 227 px 192 -> 224 streams (256 missed, p99 353 ms), "
+    "about 18 ms a hop at 576 streams; with `to_dict`, about 6). Against 07:29's run: 227 px 192 -> 224 streams (256 missed, p99 353 ms), "
     "112 px 512 -> 576 (640 missed), the bundled model 512 -> 576 (640 missed, p99 326 ms); one stream p99 227 px "
     "8.2 -> 8.3 ms, 112 px 5.7 -> 4.1, the bundled model 4.7 -> 3.4 (p50 3.0). One run each: capacity near its "
     "edge moves by a rung between runs (the 07:29 note); the hop medians above are the firmer figure. The "
-    "previous section is `bench/results/history/cpu-2threads-amd-epyc-int8-2026-11-27-0729.json`.",
+    "previous section is `bench/results/history/cpu-2threads-amd-epyc-int8-2026-11-27-0729.json`. These capacities are "
+    "the engine's, fed in-process; the whole server over real websockets (`python -m bench.server_capacity`, "
+    "`docs/reliability.md`) carried 320 to 448 bundled-model producers in three runs, on the same two cores as "
+    "its clients.",
     "",
 ]
 

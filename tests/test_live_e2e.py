@@ -215,7 +215,12 @@ def test_live_from_the_microphone_through_portaudio(alsa_mic, checkpoint):
     assert proc.returncode == 0, err
     preds = [m for m in msgs if m["type"] == "prediction"]
     assert len(preds) >= 3 and [p["seq"] for p in preds] == list(range(1, len(preds) + 1))
-    assert all(p["speech_activity"] > 0 for p in preds)  # real speech came through, not silence
+    # real audio came through, not silence: the file's speech is at -15 to -35 dBFS, digital silence at -120.
+    # (Not the speech detector's verdict: on a loaded machine PortAudio's reads through ALSA's unpaced null
+    # device skip ahead in the file, as test_portaudio_records_real_samples_from_the_alsa_file_device notes,
+    # and silero-vad scored such spliced speech as non-speech in 2 of 7 runs under load, before and after
+    # 2026-11-27's changes alike; the detector on real speech is tests/test_vad.py's.)
+    assert all(p["level_dbfs"] > -50 for p in preds), [(p["level_dbfs"], p["speech_activity"]) for p in preds]
     assert "source: microphone: default" in proc.first_line
     last = out.strip().splitlines()[-1]
     assert last.startswith("stopped:") and "1.00 per segment" in last and "overruns" in last

@@ -178,18 +178,14 @@ class RunningStats:
     def add(self, n: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> None:
         """Add speech-frame moments (count [], sums [C, M], sums of squares [C, M]; from :func:`_moments`
         or one row of :func:`moments_each`); no-op when frozen or when they hold no frame."""
-        if self.frozen or float(n) == 0:
-            return
-        self._n += n
-        self._s += s
-        self._ss += ss
-        self._cache = None
+        RunningStats.add_each([self], torch.as_tensor(n).reshape(1), s[None], ss[None])
 
     @staticmethod
     def add_each(stats: list["RunningStats"], n: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> None:
-        """:meth:`add` of row k of the moments (counts [N], sums and sums of squares [N, C, M]; from
+        """Add row k of the moments (counts [N], sums and sums of squares [N, C, M]; from
         :func:`moments_each`) to ``stats[k]``, for N different statistics (an engine hop's streams) in three
-        tensor calls instead of three per stream."""
+        tensor calls instead of three per stream; a frozen one, or a row without a speech frame, adds nothing.
+        :meth:`add` is this for one."""
         counts = n.tolist()
         keep = [k for k, st in enumerate(stats) if not st.frozen and counts[k] != 0]
         if not keep:

@@ -607,9 +607,6 @@ class StreamingRecognizer:
             probs = self.model.probabilities(logits)[0].cpu().tolist()
         return self.make_prediction(probs, alpha[0].cpu().tolist(), 1e3 * (time.perf_counter() - t0))
 
-    def window_segments(self) -> list[Segment]:
-        return list(self._segments)
-
     def make_prediction(self, probs: list[float], alpha: list[float], head_ms: float) -> Prediction:
         """The prediction for the cached window from the head's class probabilities [K] and attention over
         its segments [8], as lists (an engine converts a whole batch's in one call each)."""

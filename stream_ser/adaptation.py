@@ -78,14 +78,23 @@ def _moments(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch
 
 def moments_each(raw: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_moments` of each of N segments [N, C, M, L] at once: counts [N], sums and sums of squares
-    [N, C, M] (float64); ``mask`` [N, L] as there. What :meth:`RunningStats.add` takes."""
-    x = raw.double()
+    [N, C, M] (float64); ``mask`` [N, L] as there. What :meth:`RunningStats.add` takes.
+
+    Each segment's sums over its L = 64 frames are taken in float32, as two batched matrix-vector products
+    (relative error about 1e-7: a sum of 64 values), and handed on in float64, in which the running sums
+    accumulate over segments. Elementwise products and sums in float64 cost 9x as much: 47 ms of a 416-stream
+    engine hop on this 2-core CPU, a sixth of its recognizer thread's time (bench.server_capacity under py-spy)."""
+    x = raw.float()
+    N, C, M, L = x.shape
     if mask is None:
         keep = speech_frames(x)
     else:
         keep = mask.to(x.device).bool() & (torch.logsumexp(x[:, 0], dim=-2) > DIGITAL_SILENCE_LOG_POWER)
-    w = keep.double()[:, None, None, :]  # [N, 1, 1, L]
-    return w.sum(dim=(1, 2, 3)), (x * w).sum(dim=3), (x.square() * w).sum(dim=3)
+    w = keep.float()[:, :, None]  # [N, L, 1]
+    rows = x.reshape(N, C * M, L)
+    s = torch.bmm(rows, w).view(N, C, M)
+    ss = torch.bmm(rows.square(), w).view(N, C, M)
+    return w.sum(dim=(1, 2)).double(), s.double(), ss.double()
 
 
 @dataclass

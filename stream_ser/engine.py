@@ -81,11 +81,9 @@ class MultiStreamEngine:
     def _step(self, items) -> list[Prediction]:
         fed = []
         for _, rec, inbox in items:
-            if inbox:
+            if inbox:  # (feed() may append meanwhile: what it adds waits for the next step)
                 fed.append(rec)
-            while inbox:
-                samples, arrival = inbox.popleft()
-                rec.segmenter.take(samples, arrival)
+                rec.segmenter.take_many([inbox.popleft() for _ in range(len(inbox))])
         # the front-end for every stream fed at once, not stream by stream (per-stream calls of a few
         # small tensor operations each are what bounds the streams one engine carries, on a GPU most):
         # the log-Mel frames in one call; speech detection in one batch per 32 ms chunk round; the

@@ -81,7 +81,7 @@ class Client:
         self.sent = 0
         self.max_lag_s = 0.0  # the oldest a prediction was when this client's sender handed it on
         self.bad_messages = 0
-        self.stream_filter = P.ALL_STREAMS
+        self.stream_filter = P.ALL_STREAMS  # set through Broadcaster.follow, which keeps its index of followers
         self.producer: ProducerState | None = None
 
     def offer(self, item: str | dict, limit: int | None = None) -> None:
@@ -94,9 +94,6 @@ class Client:
             self.pending += 1
         self.queue.append((time.monotonic(), item))
         self.wake.set()
-
-    def wants(self, stream: str | None) -> bool:
-        return stream is None or self.stream_filter == P.ALL_STREAMS or self.stream_filter == stream
 
 
 class ProducerLimits:
@@ -281,6 +278,10 @@ class Broadcaster:
         self.on_disconnect = on_disconnect
         self.streams = streams
         self.clients: set[Client] = set()
+        # the clients by what they follow ("*", "none" or one stream id): a prediction goes to the followers of
+        # "*" and of its stream, without a look at every other client (with one producer a stream, looking at
+        # every client for every prediction was streams x clients checks a hop)
+        self._followers: dict[str, set[Client]] = {}
         self.first_subscriber = asyncio.Event()
         self.dropped_total = 0
         self.bad_messages_total = 0
@@ -313,11 +314,14 @@ class Broadcaster:
         fixed bound dropped part of every hop however fast it read."""
         text = P.encode(msg)
         everything = self._everything_limit()
-        for c in self.clients:
-            if c.wants(stream):
-                before = c.dropped
-                c.offer(text, everything if c.stream_filter == P.ALL_STREAMS else None)
-                self.dropped_total += c.dropped - before
+        if stream is None:
+            targets = self.clients
+        else:
+            targets = (*self._followers.get(P.ALL_STREAMS, ()), *self._followers.get(stream, ()))
+        for c in targets:
+            before = c.dropped
+            c.offer(text, everything if c.stream_filter == P.ALL_STREAMS else None)
+            self.dropped_total += c.dropped - before
 
     def publish_status(self, status: dict) -> None:
         everything = self._everything_limit()  # (with the plain bound, a status pushed a prediction out)
@@ -325,6 +329,17 @@ class Broadcaster:
             before = c.dropped
             c.offer(dict(status), everything if c.stream_filter == P.ALL_STREAMS else None)
             self.dropped_total += c.dropped - before
+
+    def follow(self, c: Client, stream: str | None) -> None:
+        """``c`` follows ``stream`` from now on (an id, ``"*"`` or ``"none"``); ``None``: it left."""
+        was = self._followers.get(c.stream_filter)
+        if was is not None:
+            was.discard(c)
+            if not was:  # its last follower left: no empty set kept for every stream ever followed
+                del self._followers[c.stream_filter]
+        if stream is not None:
+            c.stream_filter = stream
+            self._followers.setdefault(stream, set()).add(c)
 
     def _everything_limit(self) -> int | None:
         """The queue bound of a subscriber to every stream: ``queue_size`` per stream (None: the plain bound)."""
@@ -354,6 +369,7 @@ class Broadcaster:
                 pass
         c = Client(ws, self.flow.queue_size)
         self.clients.add(c)
+        self.follow(c, P.ALL_STREAMS)
         c.offer(P.encode(self.hello()))
         self.first_subscriber.set()
         sender = asyncio.create_task(Sender(c, self.flow, self).run())
@@ -368,6 +384,7 @@ class Broadcaster:
             log.exception("client %s handler failed", c.id)
         finally:
             self.clients.discard(c)
+            self.follow(c, None)
             sender.cancel()
             if self.on_disconnect:
                 self.on_disconnect(c)
@@ -397,7 +414,7 @@ class Broadcaster:
                 if stream not in known:
                     return self._bad(c, "unknown_stream", f"no stream {stream[:80]!r}; streams now: "
                                                           f"{', '.join(known) or 'none'} (or '*' for all)")
-            c.stream_filter = stream
+            self.follow(c, stream)
         elif kind == P.PING:
             c.offer(P.status(subscribers=len(self.clients), dropped_total=self.dropped_total))
         elif kind == P.AUDIO:

@@ -383,3 +383,25 @@ def test_adding_many_streams_moments_at_once_equals_each_alone():
         torch.testing.assert_close(many[k].current().std, alone[k].current().std, rtol=0, atol=0)
     assert many[1].frames == 11.0 and many[3].frames == 13.0  # no frame, and frozen: unchanged
     assert [many[k]._cache is cached[k] for k in range(N)] == [False, True, False, True, False]
+
+
+def test_the_moments_of_many_segments_equal_float64_sums_and_each_alone():
+    """``moments_each`` sums each segment's 64 frames in float32 (two batched products) and hands on float64:
+    within 1e-6 (relative) of float64 sums over the kept frames, and a segment's moments do not depend on
+    the batch it came in. The counts are exact."""
+    from stream_ser.adaptation import moments_each
+    g = torch.Generator().manual_seed(3)
+    raw = torch.randn(7, 3, 64, 64, generator=g) * 4 - 12  # log-Mel-like values: level and spread
+    mask = torch.rand(7, 64, generator=g) > 0.4
+    mask[2] = False  # a segment with no frame kept
+    n, s, ss = moments_each(raw, mask)
+    assert n.dtype == s.dtype == ss.dtype == torch.float64 and s.shape == ss.shape == (7, 3, 64)
+    x, w = raw.double(), mask.double()[:, None, None, :]
+    assert torch.equal(n, w.sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(s, (x * w).sum(-1), rtol=1e-6, atol=1e-6 * x.abs().max().item())
+    torch.testing.assert_close(ss, (x.square() * w).sum(-1), rtol=1e-6, atol=0)
+    assert n[2] == 0 and not s[2].any() and not ss[2].any()
+    for k in (0, 2, 6):
+        one = moments_each(raw[k:k + 1], mask[k:k + 1])
+        for a, b in zip(one, (n, s, ss)):
+            torch.testing.assert_close(a[0], b[k], rtol=1e-6, atol=1e-5)

@@ -106,3 +106,34 @@ def test_engine_on_cuda_equals_cpu(speaker_model, emodb_wav):
         ours, theirs = engines["cuda"].streams[f].adaptation.current(), engines["cpu"].streams[f].adaptation.current()
         assert ours.speech_s == pytest.approx(theirs.speech_s)
         torch.testing.assert_close(ours.mean.cpu(), theirs.mean, atol=1e-3, rtol=0)
+
+
+def test_blocks_taken_together_keep_each_ones_arrival(speaker_model, emodb_wav):
+    """An engine's stream takes all the blocks queued since its last step at once (``take_many``): the
+    segments are those of the blocks taken one by one, and each still carries the arrival time of the block
+    that brought its last sample (the latency a prediction reports is measured from it)."""
+    from stream_ser.recognizer import compute_frames, make_segments
+    from stream_ser.vad import score_queued
+    x = load_audio(emodb_wav("03a01Fa")).numpy()[:40_000]
+    block = 1600  # 100 ms, as websocket producers send
+    blocks = [(x[i:i + block], 1000.0 + i // block) for i in range(0, len(x), block)]
+    together, one_by_one = StreamingRecognizer(speaker_model).segmenter, StreamingRecognizer(speaker_model).segmenter
+    got = []
+    for a in range(0, len(blocks), 7):  # seven blocks a step
+        together.take_many(blocks[a:a + 7])
+        compute_frames([together])
+        score_queued([together.vad])
+        got += make_segments([together])[0]
+    want = []
+    for samples, arrival in blocks:
+        one_by_one.take(samples, arrival)
+        compute_frames([one_by_one])
+        score_queued([one_by_one.vad])
+        want += make_segments([one_by_one])[0]
+    cfg = speaker_model.frontend_config
+    assert len(got) == len(want) == cfg.segments_for_frames(cfg.frames_for(len(x))) > 3
+    for g, w in zip(got, want):
+        last = g.index * cfg.shift_samples + cfg.segment_samples  # the segment's last sample (exclusive)
+        assert g.arrival == w.arrival == 1000.0 + (last - 1) // block
+        torch.testing.assert_close(g.features, w.features, atol=1e-5, rtol=0)
+        assert g.activity == w.activity

@@ -176,6 +176,47 @@ def test_subscribe_to_one_stream():
     asyncio.run(main())
 
 
+def test_each_prediction_reaches_exactly_the_followers_of_its_stream_and_of_every_stream():
+    """The server keeps its clients indexed by what they follow (a prediction is not checked against every
+    client): a client that changes its subscription moves, one that follows nothing gets no prediction but
+    still what goes to everyone, and a client that leaves is in no index."""
+    async def main():
+        srv = _server()
+        await srv.start()
+        every, s1, mover, nothing = [await connect(srv.url) for _ in range(4)]
+        for ws in (every, s1, mover, nothing):
+            await _recv(ws)
+        await s1.send(P.encode(P.subscribe("s1")))
+        await mover.send(P.encode(P.subscribe("s1")))
+        await nothing.send(P.encode(P.subscribe(P.NO_STREAMS)))
+        await mover.send(P.encode(P.subscribe("s2")))  # from s1 to s2
+        await asyncio.sleep(0.2)
+        for i, s in enumerate(["s1", "s2", "s3", "s2"], start=1):
+            m = _pred(i)
+            m["stream"] = s
+            srv.publish(m, stream=s)
+        srv.publish(P.end("x"))  # to everyone (no stream)
+
+        async def seqs(ws):
+            got = []
+            while (m := await _recv(ws))["type"] != "end":
+                got.append(m["seq"])
+            return got
+        assert await seqs(every) == [1, 2, 3, 4]
+        assert await seqs(s1) == [1]
+        assert await seqs(mover) == [2, 4]
+        assert await seqs(nothing) == []
+        for ws in (every, s1, mover, nothing):
+            await ws.close()
+        for _ in range(100):
+            if not srv.clients:
+                break
+            await asyncio.sleep(0.02)
+        assert not srv.clients and srv._followers == {}  # nobody left behind in an index
+        await srv.close()
+    asyncio.run(main())
+
+
 def test_close_sends_end_and_closes_cleanly():
     async def main():
         srv = _server()

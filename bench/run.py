@@ -195,6 +195,7 @@ def capacity_run(model, n_streams: int, audio: list[np.ndarray], hops: int) -> d
         for p in eng.step():
             P.encode(P.prediction(p.to_dict()))  # the message the server sends: its cost counts, as it does live
             lat.append(1e3 * (time.perf_counter() - arrival))
+    eng.close()
     p = percentiles(lat)
     backlog_growing = late[-1] > HOP_S or (len(late) > 4 and late[-1] > late[len(late) // 2] + 0.05)
     return {"streams": n_streams, "latency_ms": p, "predictions": len(lat),

@@ -308,6 +308,7 @@ class LiveApp:
         if self.source is not None:
             self.source.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.worker.join, 5)
+        self.engine.close()
         status_task.cancel()
         final = self.status_message()
         self.broadcaster.publish_status(final)

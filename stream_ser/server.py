@@ -152,8 +152,9 @@ class Sender:
                 while c.queue:
                     while len(pongs) >= flow.ack_window:  # the client is behind: wait for it (queue keeps filling)
                         try:
-                            await asyncio.wait_for(pongs.popleft(), flow.slow_close_s)
-                        except asyncio.TimeoutError:
+                            async with asyncio.timeout(flow.slow_close_s):
+                                await pongs.popleft()
+                        except TimeoutError:
                             return await self.close_slow()
                     t, item = c.queue.popleft()
                     age = time.monotonic() - t
@@ -167,9 +168,13 @@ class Sender:
                         continue
                     else:
                         c.max_lag_s = max(c.max_lag_s, age)
-                    try:  # send() writes the whole frame, then waits while the socket buffers are full
-                        await asyncio.wait_for(c.ws.send(item), flow.slow_close_s)
-                    except asyncio.TimeoutError:
+                    # send() writes the whole frame, then waits while the socket buffers are full; the deadline
+                    # is a timer in this task (asyncio.wait_for ran each send as a task of its own: at 448
+                    # producers, a tenth of the event loop's time went to those tasks)
+                    try:
+                        async with asyncio.timeout(flow.slow_close_s):
+                            await c.ws.send(item)
+                    except TimeoutError:
                         return await self.close_slow()
                     c.pending -= 1
                     c.sent += 1

@@ -8,6 +8,7 @@ import torch
 
 from stream_ser.audio import load_audio
 from stream_ser.config import FrontendConfig
+from stream_ser import engine as engine_module
 from stream_ser.engine import MultiStreamEngine
 from stream_ser.model import EmotionModel
 from stream_ser.recognizer import StreamingRecognizer
@@ -28,15 +29,23 @@ def speaker_model():
     return EmotionModel(FrontendConfig(normalization="speaker", image_size=64)).eval()
 
 
-@pytest.mark.parametrize("kind", ["segment", "speaker"])
-def test_batched_streams_equal_single_streams(model, speaker_model, emodb_wav, kind):
+@pytest.mark.parametrize("kind,shards,side_by_side", [("segment", 1, False), ("speaker", 1, False),
+                                                      ("segment", 2, True), ("speaker", 2, True),
+                                                      ("speaker", 2, False)])
+def test_batched_streams_equal_single_streams(model, speaker_model, emodb_wav, kind, shards, side_by_side,
+                                              monkeypatch):
     """The engine runs every stage for all its streams at once (log-Mel frames, speech detection,
-    deltas, statistics and normalisation, CNN, head): the answers are each lone stream's."""
+    deltas, statistics and normalisation, CNN, head); with two shards, as two such batches side by side in
+    threads of their own (from SHARD_MIN_STREAMS streams a step, here lowered to 1), or under it as one
+    batch again: the answers are each lone stream's."""
+    if side_by_side:
+        monkeypatch.setattr(engine_module, "SHARD_MIN_STREAMS", 1)
     model = speaker_model if kind == "speaker" else model
     audio = {f: load_audio(emodb_wav(f)).numpy() for f in FILES}
     lones = {f: StreamingRecognizer(model) for f in FILES}
     lone = {f: lones[f].push(audio[f]) for f in FILES}
-    eng = MultiStreamEngine(model)
+    threads = torch.get_num_threads()
+    eng = MultiStreamEngine(model, shards=shards)
     for f in FILES:
         eng.add_stream(f)
     rng = np.random.default_rng(3)
@@ -64,6 +73,23 @@ def test_batched_streams_equal_single_streams(model, speaker_model, emodb_wav, k
             assert ours.speech_s > 0
             torch.testing.assert_close(ours.mean, theirs.mean, atol=1e-4, rtol=0)
     assert max(eng.embed_batches) > 1 and max(eng.head_batches) > 1  # it did batch across streams
+    assert (eng._pool is not None) == side_by_side  # two shards with audio: they stepped side by side
+    assert torch.get_num_threads() == threads  # the shards' threads left the caller's alone
+    eng.close()
+
+
+def test_streams_go_to_the_shard_with_fewest(model):
+    eng = MultiStreamEngine(model, shards=2)
+    for k in range(5):
+        eng.add_stream(f"s{k}")
+    assert [eng._shard_of[f"s{k}"] for k in range(5)] == [0, 1, 0, 1, 0]
+    eng.remove_stream("s1")
+    eng.remove_stream("s3")
+    eng.add_stream("t")
+    assert eng._shard_of["t"] == 1 and eng.streams["t"].padding_cache is eng.padding_caches[1]
+    assert set(eng.streams) == {"s0", "s2", "s4", "t"}
+    with pytest.raises(ValueError):
+        MultiStreamEngine(model, shards=0)
 
 
 def test_streams_come_and_go(model):

@@ -620,6 +620,29 @@ CPU_NOTES = [
     "the engine's, fed in-process; the whole server over real websockets (`python -m bench.server_capacity`, "
     "`docs/reliability.md`) carried 320 to 448 bundled-model producers in three runs, on the same two cores as "
     "its clients.",
+    "- 2026-11-27, 12:08-12:16, the int8 and `default.pt` sections above, in a slow hour of this host "
+    "(`python -m bench.bounds` at 12:20: FC6 + FC7 of one 227 px segment 1.96-2.11 ms, against 1.24 at 02:41 "
+    "and 05:07; this run's front-end 4247 audio-s/s against 09:12's 5540, its training rows 8-12 % lower). "
+    "Three changes (`git log b8cf3db..HEAD`). (1) Engine shards (`stream_ser.engine`): on the CPU an engine "
+    "splits its streams in two, and a step that feeds at least 192 streams (`SHARD_MIN_STREAMS`) steps the two "
+    "halves side by side, each in a thread of its own on one intra-op thread. Much of a hop is operations too "
+    "small to use two threads well, and torch releases Python's lock inside them, so two such batches on one "
+    "thread each do more than one batch on two. Fewer streams, one batch in the caller's thread, as before "
+    "(hop medians, the bundled model: 160 streams 57 ms as one batch, 62 as two shards; 192 streams 72 against "
+    "68). (2) Every thread allocates from the main malloc heap (`stream_ser.allocator`, `M_ARENA_MAX` = 1): a "
+    "thread's own arena cannot keep a block over 64 MiB whatever the thresholds, and the shards (like the live "
+    "recognizer's thread) make such blocks every hop at 227 px: two shards at 224 streams took 590-596 ms a hop "
+    "with per-thread arenas, 290-296 ms with the main heap. (3) The speaker statistics' per-segment sums as two "
+    "float32 batched products (47 -> 6 ms for 416 segments; within 1e-6 of float64 sums, tested). The capacity "
+    "rung, one batch against two shards run alternately in this hour (`bench.run.capacity_run`, 12 hops): the "
+    "bundled model at 640 streams p50 294 / 329 / 477 ms, never real time, against 265 / 269 / 276 ms, real time "
+    "all three times; 112 px at 512 streams p50 270-274 against 261-269 ms; 227 px at 224 streams the same "
+    "(305 against 306 ms; 387 against 371). This run against 09:12's: the bundled model 576 -> 768 streams (832 "
+    "missed, p99 336 ms); 227 px 224 -> 192 (224 missed, p99 415 ms) and 112 px 576 -> 512 (576 missed), which "
+    "the slow hour explains, as the pairs above show. One stream of the bundled model is unchanged (three "
+    "alternating pairs of `hop_latency` against b8cf3db: p50 3.24-3.49 against 3.33-3.56 ms); this run's p50 3.9 "
+    "ms is the hour's. The previous section is `bench/results/history/cpu-2threads-amd-epyc-int8-2026-11-27-"
+    "0912.json`.",
     "",
 ]
 

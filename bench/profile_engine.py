@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--partial-windows", action="store_true",
                     help="time (or profile) fresh streams' first hops, whose windows are partial (segments 2-7, "
                          "so at most 6 hops), instead of full-window hops: a burst of new streams")
+    ap.add_argument("--shards", type=int, default=None,
+                    help="the engine's shards (stream_ser.engine); default: with --timing the engine's own default, "
+                         "as `stream-ser live` runs it; for a profile 1, since the profiler sees only this thread")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc thresholds as they are, to measure what stream_ser.allocator buys")
     args = ap.parse_args(argv)
@@ -105,7 +108,9 @@ def main(argv=None) -> int:
         warm, warm_hops = cfg.segment_samples + (cfg.segments_per_utterance - 2) * cfg.shift_samples, 3
     what = f"{dev} {args.streams} streams, {args.image_size} px, {args.normalization} normalisation" \
         + (", partial windows" if args.partial_windows else "")
-    eng, srcs = MultiStreamEngine(model), []
+    shards = args.shards if args.shards is not None or args.timing else 1
+    eng, srcs = MultiStreamEngine(model, shards=shards), []
+    what += f", {eng.shards} shard{'s' if eng.shards > 1 else ''}"
     for i in range(args.streams):
         a = audio[i % len(audio)]
         x = np.tile(a, 1 + (warm + (args.hops + warm_hops) * cfg.shift_samples) // len(a))

@@ -22,8 +22,8 @@ It also makes every thread allocate from the one main heap (``M_ARENA_MAX`` = 1)
 threads arenas of their own, made of heaps of at most 64 MiB, and a block larger than that is mmapped and
 unmapped every time whatever the thresholds say: the live recognizer runs in a thread of its own, and so
 do an engine's shards. Measured (2026-11-27, 2-core AMD EPYC, int8, 227 px, 224 streams fed as fast as
-possible): two shards stepping in threads, 590-596 ms a hop with per-thread arenas, 290-296 ms with the
-main heap for all (their CNN images, 69 MB a shard, faulted in anew every hop before).
+possible, one run each): two shards stepping in threads, median 596 ms a hop with per-thread arenas, 296
+ms with the main heap for all (their CNN images, 69 MB a shard, had been faulted in anew every hop).
 """
 
 from __future__ import annotations

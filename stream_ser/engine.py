@@ -5,8 +5,9 @@ front-end frames, segment cache, head window). ``feed()`` only queues samples
 (safe from any thread); ``step()`` (one thread) runs the front-end of every
 stream with new audio, puts *all* new segments of all streams through the
 embedder as one batch, then runs the heads of all streams whose window moved as
-one batch. A stream's predictions equal a lone recognizer's for the same audio
-(tested). When one stream brings several new segments in a step, its windows are
+one batch (on the CPU, a step of many streams as two such batches side by side:
+see :class:`MultiStreamEngine`). A stream's predictions equal a lone recognizer's
+for the same audio (tested). When one stream brings several new segments in a step, its windows are
 predicted in order, one round per segment. A long-running server should step it
 inside :func:`stream_ser.gcpause.startup_objects_frozen`, as ``stream-ser live``
 does, or Python's full garbage collections (about 160 ms) land inside hops.
@@ -51,10 +52,11 @@ class MultiStreamEngine:
     as above, in a thread of its own on its share of the intra-op threads (one each on two cores). A hop's
     work is many operations too small to use two threads well, and torch releases Python's lock while they
     run, so two shards side by side on one thread each do more than one batch on two. Measured on the
-    2-core AMD EPYC, int8, fed as fast as possible (medians of 8 hops, one batch -> two shards): the bundled
-    model (64 px) at 512 streams 187 -> 157 ms a hop; 112 px at 448 streams 244 -> 240; 227 px at 224
-    streams 284 -> 277 (that last one only with every thread on the main malloc heap: see
-    ``stream_ser.allocator``). A stream stays in its shard (the one with fewest streams when it came), is
+    2-core AMD EPYC, int8, fed as fast as possible (untrained models, per-segment normalisation, medians of
+    8 hops, one batch -> two shards): 64 px at 512 streams 187 -> 157 ms a hop; 112 px at 448 streams
+    244 -> 240; 227 px at 224 streams 284 -> 277 (that last one only with every thread on the main malloc
+    heap: see ``stream_ser.allocator``). On the real-time clock (``bench.run``'s capacity rung, alternately)
+    the bundled model kept 640 streams in real time three times in three with two shards, never without. A stream stays in its shard (the one with fewest streams when it came), is
     batched only with that shard's streams, and its answers are still a lone stream's (tested). Steps of
     fewer streams (one: the microphone) run as one batch in the caller's thread."""
 

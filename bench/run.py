@@ -641,8 +641,16 @@ CPU_NOTES = [
     "missed, p99 336 ms); 227 px 224 -> 192 (224 missed, p99 415 ms) and 112 px 576 -> 512 (576 missed), which "
     "the slow hour explains, as the pairs above show. One stream of the bundled model is unchanged (three "
     "alternating pairs of `hop_latency` against b8cf3db: p50 3.24-3.49 against 3.33-3.56 ms); this run's p50 3.9 "
-    "ms is the hour's. The previous section is `bench/results/history/cpu-2threads-amd-epyc-int8-2026-11-27-"
-    "0912.json`.",
+    "ms is the hour's. This run is kept as `bench/results/history/cpu-2threads-amd-epyc-int8-2026-11-27-1208-"
+    "slow-host.json`; 09:12's as `...-0912.json`.",
+    "- 2026-11-27, 12:35-12:40, the int8 and `default.pt` sections above: the same code and the same two commands "
+    "as 12:08, the host fast again (`bench.bounds` at 12:35: FC6 + FC7 1.21-1.23 ms). Against 09:12's run (before "
+    "the shards, the single malloc arena and the float32 moments): the bundled model 576 -> 768 streams (p99 "
+    "294.6 ms; 832 missed, p99 334 ms); 227 px 224 -> 224 (p99 305 ms; 256 missed); 112 px 576 -> 576 (p99 297 "
+    "ms; 640 missed, p99 335 ms); one stream p99 227 px 8.3 -> 6.6 ms, 112 px 4.1 -> 4.7, the bundled model 3.4 "
+    "-> 4.3 (p50 3.0 -> 3.7; the alternating pairs in the 12:08 note found no difference for one stream, so this "
+    "is the run's spread); front-end 2.9x librosa. The whole server (`python -m bench.server_capacity`, 12:41, "
+    "`docs/reliability.md`): 384 producers (448 missed by 1.4 ms of p99).",
     "",
 ]
 

@@ -39,7 +39,7 @@ SHARD_MIN_STREAMS = 192
 def default_shards(model: EmotionModel) -> int:
     """Shards for an engine of ``model``: one on a GPU (one queue of kernels); on the CPU one per intra-op
     thread this process may use, at most :data:`SHARDS_MAX`."""
-    if next(model.parameters()).device.type != "cpu":
+    if model.device.type != "cpu":
         return 1
     return max(1, min(SHARDS_MAX, torch.get_num_threads()))
 
@@ -75,11 +75,6 @@ class MultiStreamEngine:
         self._pool: ThreadPoolExecutor | None = None  # the shards' threads, started with the first shared step
         self.embed_batches: deque[int] = deque(maxlen=10_000)  # segments per embedder call
         self.head_batches: deque[int] = deque(maxlen=10_000)  # windows per head call
-
-    @property
-    def padding_cache(self) -> PaddingCache:
-        """The first shard's (all of them, with one shard)."""
-        return self.padding_caches[0]
 
     def add_stream(self, stream_id: str, adapt: bool = True, vad: bool = True) -> StreamingRecognizer:
         """A new stream with its own state (its own speech detector, and its own speaker statistics

@@ -307,10 +307,9 @@ class SegmentStream:
         if not xs:
             return
         t0 = time.perf_counter()
-        new = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        self._buf = np.concatenate([self._buf, new]) if self._buf.size else new if len(xs) > 1 else new.copy()
+        self._buf = np.concatenate([self._buf, *xs])  # a copy, even of one block: the caller keeps its array
         if self.vad is not None:
-            self.vad.queue(new)
+            self.vad.queue(xs[0] if len(xs) == 1 else np.concatenate(xs))
         self._frontend_s += time.perf_counter() - t0
 
     def _frame_span(self) -> np.ndarray | None:

@@ -324,16 +324,19 @@ class Broadcaster:
         else:
             targets = (*self._followers.get(P.ALL_STREAMS, ()), *self._followers.get(stream, ()))
         for c in targets:
-            before = c.dropped
-            c.offer(text, everything if c.stream_filter == P.ALL_STREAMS else None)
-            self.dropped_total += c.dropped - before
+            self._offer(c, text, everything)
 
     def publish_status(self, status: dict) -> None:
         everything = self._everything_limit()  # (with the plain bound, a status pushed a prediction out)
         for c in self.clients:
-            before = c.dropped
-            c.offer(dict(status), everything if c.stream_filter == P.ALL_STREAMS else None)
-            self.dropped_total += c.dropped - before
+            self._offer(c, dict(status), everything)
+
+    def _offer(self, c: Client, item: str | dict, everything: int | None) -> None:
+        """Queue ``item`` for ``c`` under its bound (``everything`` for a subscriber to every stream), counting
+        what it drops."""
+        before = c.dropped
+        c.offer(item, everything if c.stream_filter == P.ALL_STREAMS else None)
+        self.dropped_total += c.dropped - before
 
     def follow(self, c: Client, stream: str | None) -> None:
         """``c`` follows ``stream`` from now on (an id, ``"*"`` or ``"none"``); ``None``: it left."""

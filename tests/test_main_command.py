@@ -92,6 +92,9 @@ def test_bench_smoke(tmp_path, emodb_dir):
     assert [x["streams"] for x in ladder][:1] == [1] and all(x["predictions"] > 0 for x in ladder)
     assert b["capacity"]["max_realtime_streams"] in {0} | {x["streams"] for x in ladder if x["realtime"]}
     assert res["frontend"]["ratio"] > 0 and res["training"][0]["segments_per_s"] > 0
+    # the corpus path's figure is the fastest of the files-per-call sizes it tried, and says which
+    sweep = res["frontend"]["batched_audio_s_per_s_by_files_per_call"]
+    assert sweep[str(res["frontend"]["files_per_batch"])] == res["frontend"]["batched_audio_s_per_s"] == max(sweep.values())
     # a trained model, loaded as `stream-ser live` loads it, joins the machine's results beside the others
     r = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--checkpoint", "bundled", "--precision", "fp32",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -105,7 +108,7 @@ def test_bench_smoke(tmp_path, emodb_dir):
     write_markdown(tmp_path, tmp_path / "bench.md")
     text = (tmp_path / "bench.md").read_text()
     assert "### The trained model `default.pt` (64 px, speaker normalisation)" in text and "### CNN input 64 px" in text
-    assert text.count("## Notes on the CPU figures") == 1
+    assert text.count("## Notes on the CPU figures") == 1 and "(files per call: " in text
     r = subprocess.run([sys.executable, "-m", "bench.run", "--checkpoint", "no/such.pt"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no such file" in r.stderr

@@ -373,8 +373,9 @@ def write_markdown(results_dir: Path, out: Path) -> None:
 
 
 CPU_NOTES = [
-    "What bounded the misses of the fp32 section (2026-11-24; timed per layer with the model in eval mode, "
-    "2 threads; the int8 path's own bounds are the last note):",
+    "What bounded the misses of the fp32 section as first measured (2026-11-24, the issue's starting point, kept "
+    "as `bench/results/history/cpu-2threads-amd-epyc-fp32-2026-11-24-0644.json`; timed per layer with the model in "
+    "eval mode, 2 threads; the int8 path's own bounds are a later note):",
     "",
     "| | conv layers | FC6 + FC7 | LSTM input projection |",
     "|---|---|---|---|",
@@ -663,6 +664,19 @@ CPU_NOTES = [
     "-> 4.3 (p50 3.0 -> 3.7; the alternating pairs in the 12:08 note found no difference for one stream, so this "
     "is the run's spread); front-end 2.9x librosa. The whole server (`python -m bench.server_capacity`, 12:41, "
     "`docs/reliability.md`): 384 producers (448 missed by 1.4 ms of p99).",
+    "- 2026-11-27, 13:30-13:38, the fp32 section above, rerun with today's code (`python -m bench.run --precision "
+    "fp32 --ladder 1 32 64 96 128 160 192 224 256 320 384`; the host middling, `bench.bounds` FC6 + FC7 of the "
+    "int8 path 1.38-1.45 ms): what `--precision fp32` users get now. Against the 2026-11-24 fp32 run: 227 px one "
+    "stream p99 27.6 -> 24.0 ms, 24 -> 32 streams (64 missed), cache 4.0 -> 3.1x; 112 px p99 21.1 -> 16.5 ms, "
+    "64 -> 128 streams (160 missed), cache 2.4 -> 1.9x. Not all of that is the code: the stage-1 training rows "
+    "rose 1.6-1.9x too (227 px batch 32: 32 -> 58 segments/s), and their code changed only in that freed memory "
+    "is now kept (`stream_ser.allocator`), so the host of 11-24 was slower, or paid page faults, or both. A "
+    "segment's float32 embedding costs what it did (227 px, 19.9 -> 20.6 ms a hop), while the rest of the hop "
+    "got cheaper (batched speech detection, front-end and statistics; one intra-op thread for a hop's small "
+    "operations), so the cache's ratio fell. Against the int8 section (12:35): int8 is 3.6x faster for one stream at 227 px (p99 24.0 against "
+    "6.6 ms) and carries 7x the streams (32 against 224). The corpus front-end now tries 16, 128 and all 535 "
+    "files per call (4302, 4513 and 2944 s/s here; in a quick run an hour earlier 5098, 1773 and 1444): "
+    "the choice moves by run on this CPU, so the figure is the fastest of the three.",
     "",
 ]
 

@@ -677,6 +677,16 @@ CPU_NOTES = [
     "6.6 ms) and carries 7x the streams (32 against 224). The corpus front-end now tries 16, 128 and all 535 "
     "files per call (4302, 4513 and 2944 s/s here; in a quick run an hour earlier 5098, 1773 and 1444): "
     "the choice moves by run on this CPU, so the figure is the fastest of the three.",
+    "- 2026-11-27, `torch.compile` (Inductor, `dynamic=True`, frozen weights), tried on each batched part of a "
+    "hop of the bundled model and not kept (`python -m bench.torch_compile`, "
+    "`bench/results/compile/cpu-2threads-amd-epyc.json`; medians, eager -> compiled, at 1 / 64 / 384 windows or "
+    "segments): the head over the windows 0.40 -> 0.56, 5.6 -> 5.7, 20.0 -> 18.9 ms (its recurrent matrix "
+    "products are the work, which Inductor leaves as they are); a hop's deltas and speaker normalisation 0.22 -> "
+    "0.34, 3.2 -> 1.8, 11.8 -> 9.1 ms (fused; about 1 % of a 512-stream hop, and slower for one stream); the "
+    "float32 embedder and projection 13.1 -> 10.2, 66 -> 34, 331 -> 181 ms, still 4-7x the int8 path's eager "
+    "1.5, 6.8, 33 ms; the int8 path itself cannot be traced (its quantised modules have no fake-tensor kernels, "
+    "so Dynamo runs them eagerly: 1.5 -> 1.9 ms). What it would cost: 2-20 s of compilation at start-up, a C++ "
+    "compiler on the user's machine, and recompilations as a hop's batch changes.",
     "",
 ]
 

@@ -687,6 +687,13 @@ CPU_NOTES = [
     "1.5, 6.8, 33 ms; the int8 path itself cannot be traced (its quantised modules have no fake-tensor kernels, "
     "so Dynamo runs them eagerly: 1.5 -> 1.9 ms). What it would cost: 2-20 s of compilation at start-up, a C++ "
     "compiler on the user's machine, and recompilations as a hop's batch changes.",
+    "- 2026-11-27, the quantised-kernel engine of the int8 path (`python -m bench.quantized_engines`, three runs, "
+    "`bench/results/precision/quantized-engines-cpu-2threads-amd-epyc.json` the first; the bundled model's "
+    "embedding and head input projection, medians of 20, at 1 / 64 / 384 segments): x86 (PyTorch's default, "
+    "kept) 1.08-1.26, 5.9-6.4, 31.8-34.6 ms; fbgemm 0.94-1.00, 7.1-8.0, 39.0-39.9 ms; oneDNN 1.20-1.44, 5.4-5.9, "
+    "30.2-31.6 ms. The three compute the same numbers (2.91 % from float32 each, on the same images). fbgemm "
+    "would save about 0.15 ms of a one-stream hop and cost a fifth more at 384 segments; oneDNN is within the "
+    "runs' spread of x86 for many streams and slower for one.",
     "",
 ]
 

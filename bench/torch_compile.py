@@ -53,17 +53,22 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def compare(name: str, fn, make, repeats: int) -> dict:
-    """Eager ``fn`` against its compiled self on inputs ``make(batch)`` -> a dict of times (ms) per batch."""
+def compare(name: str, fn, make, repeats: int, batches=BATCHES) -> dict:
+    """Eager ``fn`` against its compiled self on inputs ``make(batch)`` -> a dict of times (ms) per batch, or
+    of why it could not be compiled (Inductor needs a C++ compiler on the CPU)."""
     import torch._dynamo
     torch._dynamo.reset()
     t0 = time.perf_counter()
     compiled = torch.compile(fn, dynamic=True)
     probe = make(16)
-    with torch.no_grad():
-        err = _rel(compiled(*probe), fn(*probe))
+    try:
+        with torch.no_grad():
+            err = _rel(compiled(*probe), fn(*probe))
+    except Exception as e:  # (a missing compiler, or an operator Inductor cannot lower: reported, not fatal)
+        print(f"{name}: not compiled: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
+        return {"failed": f"{type(e).__name__}: {str(e).strip()[:1000]}"}
     out = {"compile_s": time.perf_counter() - t0, "rel_l2_vs_eager": err, "ms": {}}
-    for b in BATCHES:
+    for b in batches:
         x = make(b)
         out["ms"][str(b)] = {"eager": _median_ms(fn, x, repeats), "compiled": _median_ms(compiled, x, repeats)}
     print(f"{name}: compiled in {out['compile_s']:.1f} s, rel. L2 {err:.1e}; "
@@ -79,6 +84,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="bundled", help="bundled (default: the model stream-ser live runs) or a path")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES),
+                    help="windows or segments per call (default: %(default)s)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compile"))
     args = ap.parse_args(argv)
     path = default_checkpoint() if args.checkpoint == "bundled" else Path(args.checkpoint)
@@ -103,15 +110,15 @@ def main(argv=None) -> int:
     parts = res["parts"]
     parts["head over the windows"] = compare(
         "head over the windows", int8.head.infer, lambda b: (torch.randn(b, cfg.segments_per_utterance, 2, H4),),
-        args.repeats)
+        args.repeats, args.batches)
     parts["segments: deltas and normalisation"] = compare(
         "segments: deltas and normalisation", segments,
         lambda b: (torch.randn(b, cfg.n_mels, cfg.segment_frames) - 5, torch.randn(b, cfg.channels, cfg.n_mels),
-                   torch.rand(b, cfg.channels, cfg.n_mels) + 0.5), args.repeats)
+                   torch.rand(b, cfg.channels, cfg.n_mels) + 0.5), args.repeats, args.batches)
     for label, model in (("fp32", fp32), ("int8", int8)):
         parts[f"embedding and projection, {label}"] = compare(
             f"embedding and projection, {label}", lambda x, m=model: m.head.project(m.embed(x)),
-            lambda b: (torch.randn(b, cfg.channels, size, size),), args.repeats)
+            lambda b: (torch.randn(b, cfg.channels, size, size),), args.repeats, args.batches)
     save_json(res, args.out, machine_name(torch.device("cpu")))
     return 0
 

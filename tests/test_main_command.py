@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +223,42 @@ def test_server_capacity_bench_runs_a_real_server_with_real_producers(tmp_path, 
     assert rung["predictions_received"] == rung["predictions_due"] and rung["complete"]
     assert 0 < rung["latency_ms"]["p50"] <= rung["latency_ms"]["p99"] < 5000
     assert rung["server_other_cpu_share"] > 0 and "server_capacity" in d["command"]
+
+
+def test_bench_quantized_engines_times_the_int8_path_on_each_engine(tmp_path):
+    """bench.quantized_engines: each supported engine measured in its own interpreter (the engine is fixed
+    when the model is quantised), all of them the int8 path, its error against float32 a few per cent."""
+    import json
+
+    import torch
+
+    from stream_ser.model import CONV_INT8_ENGINES
+    r = subprocess.run([sys.executable, "-m", "bench.quantized_engines", "--repeats", "1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("quantized-engines-*.json")).read_text())
+    assert res["default_engine"] == torch.backends.quantized.engine and set(res["engines"]) == set(CONV_INT8_ENGINES)
+    measured = {k: e for k, e in res["engines"].items() if "ms" in e}
+    assert torch.backends.quantized.engine in measured
+    assert set(measured) == set(CONV_INT8_ENGINES) & set(torch.backends.quantized.supported_engines)
+    for e in measured.values():
+        assert "int8 convolutions" in e["inference"] and 0 < e["rel_l2_vs_fp32"] < 0.1
+        assert set(e["ms"]) == {"1", "8", "64", "384"} and all(ms > 0 for ms in e["ms"].values())
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's Inductor needs a C++ compiler on the CPU; none on this machine")
+def test_bench_torch_compile_compares_each_part_with_eager(tmp_path):
+    """bench.torch_compile: each batched part of a hop compiled, and the compiled part computes what eager
+    does (the int8 embedder, which Dynamo cannot trace, runs eagerly inside the compiled function)."""
+    import json
+    r = subprocess.run([sys.executable, "-m", "bench.torch_compile", "--repeats", "1", "--batches", "1", "4",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert set(res["parts"]) == {"head over the windows", "segments: deltas and normalisation",
+                                 "embedding and projection, fp32", "embedding and projection, int8"}
+    for name, part in res["parts"].items():
+        assert "failed" not in part, (name, part)
+        assert part["rel_l2_vs_eager"] < 1e-4 and set(part["ms"]) == {"1", "4"}
+        assert all(t["eager"] > 0 and t["compiled"] > 0 for t in part["ms"].values())

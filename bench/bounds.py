@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -36,22 +35,11 @@ prefer_passive_wait()  # as `stream-ser` runs
 
 import torch  # noqa: E402
 
-from bench.run import ROOT, _files, cpu_model, librosa_features, machine_name, save_json  # noqa: E402
+from bench.run import ROOT, _files, cpu_model, librosa_features, machine_name, median_ms, save_json  # noqa: E402
 from stream_ser.audio import load_audio  # noqa: E402
 from stream_ser.config import FrontendConfig  # noqa: E402
 from stream_ser.model import CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, quantize_for_cpu  # noqa: E402
 from stream_ser.openmp import embedding_threads  # noqa: E402
-
-
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def cnn_parts(image_size: int, audio: list[np.ndarray], repeats: int) -> dict:
@@ -72,9 +60,9 @@ def cnn_parts(image_size: int, audio: list[np.ndarray], repeats: int) -> dict:
                 feats = e.features(x)
                 flat = e.avgpool(feats).flatten(1)
                 fc = e.fc(flat)
-                conv_ms = _median_ms(lambda: e.features(x), repeats)
-                fc_ms = _median_ms(lambda: e.fc(flat), repeats)
-                proj_ms = _median_ms(lambda: model.head.project(fc[None]), repeats)
+                conv_ms = median_ms(lambda: e.features(x), repeats)
+                fc_ms = median_ms(lambda: e.fc(flat), repeats)
+                proj_ms = median_ms(lambda: model.head.project(fc[None]), repeats)
             out[f"batch{batch}"] = {"conv_ms": conv_ms, "fc6_fc7_ms": fc_ms, "head_projection_ms": proj_ms,
                                     "threads": threads}
     b1, b8 = out["batch1"], out["batch8"]

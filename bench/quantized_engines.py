@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 BATCHES = ((1, 1), (8, 1), (64, 0), (384, 0))  # (segments, intra-op threads; 0: all)
 
@@ -30,6 +28,7 @@ def measure(engine: str, checkpoint: str, repeats: int) -> dict:
     """One engine, in this interpreter: {"inference", "rel_l2_vs_fp32", "ms": {segments: median}}."""
     import torch
     torch.backends.quantized.engine = engine
+    from bench.run import median_ms
     from stream_ser.allocator import keep_freed_memory
     from stream_ser.model import load_checkpoint
     from stream_ser.openmp import intra_op_threads
@@ -50,22 +49,14 @@ def measure(engine: str, checkpoint: str, repeats: int) -> dict:
     for n, threads in BATCHES:
         x = torch.randn(n, model.frontend_config.channels, size, size)
         with intra_op_threads(threads or torch.get_num_threads()):
-            for _ in range(3):
-                run(model, x)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                run(model, x)
-                times.append(time.perf_counter() - t0)
-        out["ms"][str(n)] = 1e3 * statistics.median(times)
+            out["ms"][str(n)] = median_ms(lambda: run(model, x), repeats)
     return out
 
 
 def main(argv=None) -> int:
     import torch
 
-    from bench.run import ROOT, cpu_model, machine_name, save_json
-    from stream_ser.assets import default_checkpoint
+    from bench.run import ROOT, _checkpoint_path, cpu_model, machine_name, save_json
     from stream_ser.model import CONV_INT8_ENGINES
 
     ap = argparse.ArgumentParser(prog="python -m bench.quantized_engines", description=__doc__,
@@ -75,9 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "precision"))
     ap.add_argument("--one", metavar="ENGINE", help=argparse.SUPPRESS)  # (the child's side: measure one, print JSON)
     args = ap.parse_args(argv)
-    path = default_checkpoint() if args.checkpoint == "bundled" else Path(args.checkpoint)
-    if path is None or not Path(path).is_file():
-        ap.error(f"no such checkpoint: {args.checkpoint}")
+    path = _checkpoint_path(ap, args.checkpoint)
     if args.one:
         print(json.dumps(measure(args.one, str(path), args.repeats)))
         return 0

@@ -69,6 +69,18 @@ def machine_name(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:60]
 
 
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """The median milliseconds of ``repeats`` calls of ``fn()``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def _median_of(runs: list[dict]) -> dict:
     """Element-wise median of a list of same-shaped nested dicts of numbers."""
     out = {}

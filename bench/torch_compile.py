@@ -19,10 +19,8 @@ a path the live recognizer takes.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
-from pathlib import Path
 
 from stream_ser.allocator import keep_freed_memory
 from stream_ser.openmp import prefer_passive_wait
@@ -31,21 +29,9 @@ prefer_passive_wait()  # as `stream-ser` runs
 
 import torch  # noqa: E402
 
-from bench.run import ROOT, cpu_model, machine_name, save_json  # noqa: E402
+from bench.run import ROOT, _checkpoint_path, cpu_model, machine_name, median_ms, save_json  # noqa: E402
 
 BATCHES = (1, 8, 64, 384)  # windows or segments per call: one stream, then an engine hop's worth
-
-
-def _median_ms(fn, x, repeats: int) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            fn(*x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*x)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _rel(a, b) -> float:
@@ -70,14 +56,15 @@ def compare(name: str, fn, make, repeats: int, batches=BATCHES) -> dict:
     out = {"compile_s": time.perf_counter() - t0, "rel_l2_vs_eager": err, "ms": {}}
     for b in batches:
         x = make(b)
-        out["ms"][str(b)] = {"eager": _median_ms(fn, x, repeats), "compiled": _median_ms(compiled, x, repeats)}
+        with torch.no_grad():
+            out["ms"][str(b)] = {"eager": median_ms(lambda: fn(*x), repeats),
+                                 "compiled": median_ms(lambda: compiled(*x), repeats)}
     print(f"{name}: compiled in {out['compile_s']:.1f} s, rel. L2 {err:.1e}; "
           + "; ".join(f"{b}: {t['eager']:.2f} -> {t['compiled']:.2f} ms" for b, t in out["ms"].items()), flush=True)
     return out
 
 
 def main(argv=None) -> int:
-    from stream_ser.assets import default_checkpoint
     from stream_ser.model import load_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m bench.torch_compile", description=__doc__,
@@ -88,9 +75,7 @@ def main(argv=None) -> int:
                     help="windows or segments per call (default: %(default)s)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compile"))
     args = ap.parse_args(argv)
-    path = default_checkpoint() if args.checkpoint == "bundled" else Path(args.checkpoint)
-    if path is None or not Path(path).is_file():
-        ap.error(f"no such checkpoint: {args.checkpoint}")
+    path = _checkpoint_path(ap, args.checkpoint)
     keep_freed_memory()  # as the console scripts run
     warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation; Inductor's notes on CUDA
     import torch._inductor.config as inductor

@@ -8,8 +8,11 @@ gives the CNN (``offline.int8_ranges.live_images``). On the test images:
 
 1. The conv stack's error (relative L2 against float32) as ``stream-ser live`` runs it (the ranges
    :func:`stream_ser.model.calibrate_conv_int8` measures: the histogram observer with the engine's 7-bit
-   activations), and alternatives: ranges measured for 8 bits, the first convolution left in float32, and
-   every stored range scaled by a common factor.
+   activations), and alternatives: ranges measured for 8 bits, the first convolution left in float32,
+   every stored range scaled by a common factor, 8-bit ranges from the calibration extremes with a margin
+   (no histogram), the channels of every activation brought to comparable ranges before quantising
+   (SmoothQuant-style, folded into the weights: ReLU and max-pooling commute with a positive scale), and,
+   for scale, the weights alone in int8 (activations float32).
 2. Layer by layer, each quantised convolution fed the float32 activations quantised to its input's range:
    the input's quantisation error, the output's error, the share of outputs beyond the calibrated range
    (quant_max steps) and beyond what the 8-bit output holds (255 steps; the kernels clamp there, not at
@@ -37,6 +40,8 @@ import torch.nn.functional as F
 from bench.run import ROOT, cpu_model, machine_name, save_json
 
 SCALE_FACTORS = (0.8, 0.9, 1.25, 1.5)  # common factors tried on every stored range (1.0: as deployed)
+MINMAX_MARGINS = (1.0, 1.25, 2.0)  # 8-bit ranges from the calibration extremes times these
+EQUALISE_ALPHAS = (0.5, 1.0)  # channel equalisation: 0.5 balances activation and weight ranges, 1 activations only
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -72,6 +77,79 @@ def _deployed(model, calibration: torch.Tensor, factor: float = 1.0):
     if not quantize_convolutions(probe):
         raise SystemExit(f"this machine's quantised engine ({torch.backends.quantized.engine}) has no int8 convolutions")
     return probe.embedder.features, cal
+
+
+def _minmax(model, calibration: torch.Tensor, margin: float):
+    """The deployed stack with 8-bit ranges (255 steps) from the calibration images' extremes times ``margin``:
+    ReLU outputs [0, max], the image symmetric about 0 (zero point 128)."""
+    from stream_ser.model import CONV_INT8_KEY, calibrate_conv_int8, quantize_convolutions
+    cal = calibrate_conv_int8(model, calibration)
+    features = model.embedder.features.float().eval()
+    top = {"quant": float(calibration.abs().max())}
+    with torch.no_grad():
+        x = calibration
+        for i, m in enumerate(features):
+            x = m(x)
+            if isinstance(m, nn.Conv2d):
+                name = f"features.{i}"
+            elif isinstance(m, nn.ReLU):
+                top[name] = float(x.max())
+    cal["points"] = {k: ([2 * top[k] * margin / 255, 128, 0, 255] if k == "quant" else [top[k] * margin / 255, 0, 0, 255])
+                     for k in cal["points"]}
+    probe = copy.deepcopy(model)
+    probe.meta = dict(probe.meta) | {CONV_INT8_KEY: cal}
+    quantize_convolutions(probe)
+    return probe.embedder.features
+
+
+def _equalised(model, calibration: torch.Tensor, alpha: float):
+    """The deployed stack, calibrated anew, after every conv's input channels were scaled to comparable
+    ranges: channel k of a conv's input times r_k = W_k^(1 - alpha) / A_k^alpha (A_k its largest value on the
+    calibration images, W_k the largest weight reading it), the conv's weights for it divided by r_k and, for
+    the image, the image multiplied by r_k before the stack; the conv before scales its output channel k by
+    r_k (weights and bias; ReLU and max-pooling commute with it). -> (the quantised stack, its float32 twin,
+    which computes what the original does to float rounding)."""
+    from stream_ser.model import CONV_INT8_KEY, calibrate_conv_int8, quantize_convolutions
+    probe = copy.deepcopy(model)
+    f = probe.embedder.features.float().eval()
+    convs = [i for i, m in enumerate(f) if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        inputs, x = [], calibration
+        for i, m in enumerate(f):
+            if i in convs:
+                inputs.append(x)
+            x = m(x)
+        gain = None
+        for j, ci in enumerate(convs):
+            a = inputs[j].abs().amax(dim=(0, 2, 3))
+            w = f[ci].weight.abs().amax(dim=(0, 2, 3)).clamp_min(1e-8)
+            r = torch.ones_like(a)
+            live = a > 0  # (a channel that never fires keeps its scale)
+            r[live] = w[live] ** (1 - alpha) / a[live] ** alpha
+            r[live] /= r[live][a[live].argmax()]  # the widest channel keeps its range
+            f[ci].weight.div_(r.view(1, -1, 1, 1))
+            if j == 0:
+                gain = r.view(1, -1, 1, 1)
+            else:
+                f[convs[j - 1]].weight.mul_(r.view(-1, 1, 1, 1))
+                f[convs[j - 1]].bias.mul_(r)
+    equal = copy.deepcopy(f)
+    probe.meta = dict(probe.meta) | {CONV_INT8_KEY: calibrate_conv_int8(probe, calibration * gain)}
+    quantize_convolutions(probe)
+    stack = probe.embedder.features
+    return (lambda images: stack(images * gain)), (lambda images: equal(images * gain))
+
+
+def _weights_only(features: nn.Sequential):
+    """float32 convolutions with int8 weights (per output channel, symmetric, as the engine's observer):
+    what the weights' quantisation alone costs."""
+    f = copy.deepcopy(features).eval()
+    with torch.no_grad():
+        for m in f:
+            if isinstance(m, nn.Conv2d):
+                scale = m.weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
+                m.weight.copy_((m.weight / scale).round().clamp(-128, 127) * scale)
+    return f
 
 
 def layers(stack, features: nn.Sequential, images: torch.Tensor, cal: dict) -> list[dict]:
@@ -151,11 +229,20 @@ def main(argv=None) -> int:
                  reduce_range=True, dtype=torch.quint8), cal_imgs))}
     for f in SCALE_FACTORS:
         stack[f"every range x{f}"] = err(_deployed(model, cal_imgs, f)[0])
+    for m in MINMAX_MARGINS:
+        stack[f"8-bit ranges from the calibration extremes x{m}"] = err(_minmax(model, cal_imgs, m))
+    same = {}  # the equalised stacks in float32 against the original: the rescaling itself changes nothing
+    for a in EQUALISE_ALPHAS:
+        quantised, twin = _equalised(model, cal_imgs, a)
+        stack[f"channels equalised (alpha {a}), 7-bit ranges (histogram)"] = err(quantised)
+        same[str(a)] = err(twin)
+    stack["weights only in int8 (activations float32)"] = err(_weights_only(features))
     res = {"cpu": cpu_model(), "torch": torch.__version__, "engine": torch.backends.quantized.engine,
            "date": time.strftime("%Y-%m-%d %H:%M"), "checkpoint": str(path),
            "image_size": int(test_imgs.shape[-1]), "calibration_images": len(cal_imgs),
            "test_images": len(test_imgs), "calibration_speakers": sorted(half),
-           "stack_rel_l2": stack, "layers": layers(deployed, features, test_imgs, cal)}
+           "stack_rel_l2": stack, "equalised_float32_rel_l2": same,
+           "layers": layers(deployed, features, test_imgs, cal)}
     save_json(res, args.out, f"conv-int8-error-{machine_name(torch.device('cpu'))}")
     return 0
 

@@ -145,8 +145,12 @@ def test_bench_conv_int8_error_measures_the_deployed_stack_and_its_alternatives(
     res = json.loads(next(tmp_path.glob("conv-int8-error-*.json")).read_text())
     assert res["calibration_images"] > 0 and res["test_images"] > 0 and res["image_size"] == 64
     stack = res["stack_rel_l2"]
-    assert len(stack) == 7 and all(0 < v < 1 for v in stack.values())
+    assert len(stack) == 13 and all(0 < v < 1 for v in stack.values())
     assert stack["deployed (7-bit ranges, histogram)"] < 0.1  # what `stream-ser live` runs stays close to fp32
+    # the weights' share of the error is the smaller one (activations in float32)
+    assert stack["weights only in int8 (activations float32)"] < stack["deployed (7-bit ranges, histogram)"]
+    # the channel equalisation is a rescaling only: in float32 the equalised stack computes the original's
+    assert all(v < 1e-4 for v in res["equalised_float32_rel_l2"].values())
     assert [x["layer"] for x in res["layers"]] == [f"features.{i}" for i in (0, 3, 6, 8, 10)]  # AlexNet's convs
     for x in res["layers"]:
         assert 0 < x["input_quantisation_rel_l2"] < 1 and 0 < x["output_rel_l2"] < 1

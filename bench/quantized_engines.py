@@ -21,6 +21,10 @@ import sys
 import time
 import warnings
 
+from stream_ser.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # as `stream-ser` runs (before torch loads, here and in each engine's interpreter)
+
 BATCHES = ((1, 1), (8, 1), (64, 0), (384, 0))  # (segments, intra-op threads; 0: all)
 
 

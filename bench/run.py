@@ -231,9 +231,10 @@ def capacity(model, audio: list[np.ndarray], ladder: list[int], hops: int) -> di
 
 # 5 -------------------------------------------------------------------------------
 # files per segments_many call tried in the corpus front-end figure (0: the whole corpus in one call); the
-# fastest is the figure. On this 2-core CPU 16 is best (a call's frames stay in the cache; 128 ran at half the
-# speed, 2026-11-26); on a GPU a call of 16 files is little work for its kernel launches and cuFFT plan (one
-# per distinct frame count), so larger calls should pay there
+# fastest is the figure. On this 2-core CPU 16 and 128 trade places from run to run and the whole corpus at
+# once is slowest (2026-11-27: 5098 / 1773 / 1444 s/s, then 4302 / 4513 / 2944 ten minutes later); on a GPU a
+# call of 16 files is little work for its kernel launches and cuFFT plan (one per distinct frame count), so
+# larger calls should pay there
 FILES_PER_BATCH = (16, 128, 0)
 
 
@@ -693,7 +694,7 @@ CPU_NOTES = [
     "got cheaper (batched speech detection, front-end and statistics; one intra-op thread for a hop's small "
     "operations), so the cache's ratio fell. Against the int8 section (12:35): int8 is 3.6x faster for one stream at 227 px (p99 24.0 against "
     "6.6 ms) and carries 7x the streams (32 against 224). The corpus front-end now tries 16, 128 and all 535 "
-    "files per call (4302, 4513 and 2944 s/s here; in a quick run an hour earlier 5098, 1773 and 1444): "
+    "files per call (4302, 4513 and 2944 s/s here; in a quick run ten minutes earlier 5098, 1773 and 1444): "
     "the choice moves by run on this CPU, so the figure is the fastest of the three.",
     "- 2026-11-27, `torch.compile` (Inductor, `dynamic=True`, frozen weights), tried on each batched part of a "
     "hop of the bundled model and not kept (`python -m bench.torch_compile`, "
@@ -708,10 +709,10 @@ CPU_NOTES = [
     "- 2026-11-27, the quantised-kernel engine of the int8 path (`python -m bench.quantized_engines`, three runs, "
     "`bench/results/precision/quantized-engines-cpu-2threads-amd-epyc.json` the first; the bundled model's "
     "embedding and head input projection, medians of 20, at 1 / 64 / 384 segments): x86 (PyTorch's default, "
-    "kept) 1.08-1.26, 5.9-6.4, 31.8-34.6 ms; fbgemm 0.94-1.00, 7.1-8.0, 39.0-39.9 ms; oneDNN 1.20-1.44, 5.4-5.9, "
-    "30.2-31.6 ms. The three compute the same numbers (2.91 % from float32 each, on the same images). fbgemm "
-    "would save about 0.15 ms of a one-stream hop and cost a fifth more at 384 segments; oneDNN is within the "
-    "runs' spread of x86 for many streams and slower for one.",
+    "kept) 1.01-1.05, 6.3-6.6, 31.3-32.3 ms; fbgemm 0.89-0.96, 7.5-8.4, 39.5-42.3 ms; oneDNN 1.13-1.21, "
+    "6.2-6.9, 30.3-32.0 ms. The three compute the same numbers (2.91 % from float32 each, on the same images). "
+    "fbgemm would save about 0.1 ms of a one-stream hop and cost a quarter more at 384 segments; oneDNN is "
+    "within the runs' spread of x86 for many streams and slower for one.",
     "",
 ]
 

@@ -713,6 +713,20 @@ CPU_NOTES = [
     "6.2-6.9, 30.3-32.0 ms. The three compute the same numbers (2.91 % from float32 each, on the same images). "
     "fbgemm would save about 0.1 ms of a one-stream hop and cost a quarter more at 384 segments; oneDNN is "
     "within the runs' spread of x86 for many streams and slower for one.",
+    "- 2026-11-27, evening, what an engine hop dispatches (`python -m bench.profile_engine --checkpoint bundled "
+    "--streams 64 --ops`: the tensor operations of one hop, counted by a dispatch mode, at N and N/4 streams; "
+    "each is a kernel launch where the model runs on a GPU). The bundled model: 383 operations a hop with full "
+    "windows and 425 in fresh streams' partial ones, at 2, 16 or 64 streams alike; an untrained 112 px model "
+    "(float32, per-segment normalisation) 336. Until now the speaker statistics added three a stream (two row "
+    "copies and a read of the frame count, on host tensors whatever the device, so no launches, but 1-2 us "
+    "of dispatch each); they are numpy copies and a Python count now, and `tests/test_engine.py` holds a hop's "
+    "operations equal at 2 and 6 streams (on the CPU, and on a GPU where there is one). So on a GPU a hop "
+    "launches the same few hundred kernels for 10 streams or 500 (beyond the engine's batch of 512, its CNN and "
+    "head calls repeat per 512); what still grows with the streams is host "
+    "Python, about 70 us a stream a hop here (under the profiler, 256 streams: feeding and checking samples, "
+    "each stream's frame and detector bookkeeping, building its prediction). 512 bundled-model streams, "
+    "`--timing`, three alternating pairs against d9b918a: median 169-181 -> 168-177 ms a hop (the host work "
+    "removed is a millisecond or two of it: within the spread).",
     "",
 ]
 

@@ -153,7 +153,9 @@ class RunningStats:
 
     ``update(raw_segment [C, M, L])`` adds the segment's speech frames;
     ``current()`` gives the :class:`Stats` to normalise with. Sums are kept in
-    float64 so hours of audio do not lose precision.
+    float64 so hours of audio do not lose precision, and the frame count as a Python float (whole
+    numbers, exact to 2**53), so reading it is no tensor operation: an engine hop's tensor operations
+    do not grow with its streams (``tests/test_engine.py``).
     """
 
     def __init__(self, prior: Stats, prior_frames: float = PRIOR_FRAMES):
@@ -164,18 +166,18 @@ class RunningStats:
 
     def reset(self) -> None:
         """Back to the prior: no speech seen."""
-        self._n = torch.zeros((), dtype=torch.float64)
+        self._n = 0.0  # speech frames seen
         self._s = torch.zeros_like(self.prior.mean)
         self._ss = torch.zeros_like(self.prior.mean)
         self._cache: Stats | None = None
 
     @property
     def frames(self) -> float:
-        return float(self._n)
+        return self._n
 
     @property
     def speech_s(self) -> float:
-        return float(self._n) * 0.01 / 2.0
+        return self._n * 0.01 / 2.0
 
     def update(self, raw: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add the speech frames of un-normalised segments [..., C, M, L] (no-op when frozen); ``mask``
@@ -200,11 +202,11 @@ class RunningStats:
         if not keep:
             return
         mine = [stats[k] for k in keep]
-        n_rows, s_rows, ss_rows = n.unbind(0), s.unbind(0), ss.unbind(0)
-        torch._foreach_add_([st._n for st in mine], [n_rows[k] for k in keep])
+        s_rows, ss_rows = s.unbind(0), ss.unbind(0)
         torch._foreach_add_([st._s for st in mine], [s_rows[k] for k in keep])
         torch._foreach_add_([st._ss for st in mine], [ss_rows[k] for k in keep])
-        for st in mine:
+        for k, st in zip(keep, mine):
+            st._n += counts[k]
             st._cache = None
 
     def enroll(self, raw: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -234,7 +236,7 @@ class RunningStats:
             pm = torch.stack([st.prior.mean for st in todo])  # [n, C, M] float64
             ps = torch.stack([st.prior.std for st in todo])
             n0 = torch.tensor([st.prior_frames for st in todo], dtype=torch.float64)[:, None, None]
-            n = torch.stack([st._n for st in todo])[:, None, None]
+            n = torch.tensor([st._n for st in todo], dtype=torch.float64)[:, None, None]
             s = torch.stack([st._s for st in todo])
             ss = torch.stack([st._ss for st in todo])
             seen = n[:, 0] > 0  # [n, 1]
@@ -248,9 +250,12 @@ class RunningStats:
             std = var.clamp_min(0).sqrt().clamp_min(STD_FLOOR)
             nothing = (tot <= 0)  # no prior weight and no speech: the prior itself
             mean, std = torch.where(nothing, pm, mean).float(), torch.where(nothing, ps, std).float()
-            frames = n[:, 0, 0].tolist()
-            for k, st in enumerate(todo):  # copies: a view would keep the whole batch alive
-                st._cache = Stats(mean[k].clone(), std[k].clone(), frames[k])
+            # each one's own copy (a view would keep the whole batch alive), made by numpy: the statistics
+            # live on the host whatever the model's device, and a tensor operation per stream is what an
+            # engine hop must not have (a kernel launch each where they run on a GPU; tests/test_engine.py)
+            mean_rows, std_rows = mean.numpy(), std.numpy()
+            for k, st in enumerate(todo):
+                st._cache = Stats(torch.from_numpy(mean_rows[k].copy()), torch.from_numpy(std_rows[k].copy()), st._n)
             if len(todo) == len(stats):
                 return mean, std
         return torch.stack([st._cache.mean for st in stats]), torch.stack([st._cache.std for st in stats])

@@ -163,3 +163,37 @@ def test_blocks_taken_together_keep_each_ones_arrival(speaker_model, emodb_wav):
         assert g.arrival == w.arrival == 1000.0 + (last - 1) // block
         torch.testing.assert_close(g.features, w.features, atol=1e-5, rtol=0)
         assert g.activity == w.activity
+
+
+@pytest.mark.parametrize("kind,partial_windows,device", [
+    ("bundled", False, "cpu"), ("bundled", True, "cpu"), ("segment", False, "cpu"),
+    pytest.param("bundled", False, "cuda", marks=pytest.mark.cuda),
+    pytest.param("bundled", True, "cuda", marks=pytest.mark.cuda)])
+def test_a_hop_dispatches_as_many_tensor_operations_for_many_streams_as_for_few(model, emodb_dir, kind,
+                                                                                partial_windows, device):
+    """Where the model runs on a GPU every tensor operation is a kernel launch (several microseconds each),
+    so a hop whose operations grew with its streams would be bound by them long before its batches were
+    (on the H100 of docs/benchmarks.md, before the engine batched its front-end, a hop cost 0.7 ms a
+    stream). Counted with a dispatch mode, the same
+    hop (full windows, or fresh streams' partial ones) of 2 and of 6 streams dispatches the same operations:
+    the bundled model (int8, speaker adaptation, speech detection), and an untrained one (per-segment
+    normalisation, float32); on a GPU too where there is one. Views, which launch nothing, may grow (a
+    stream's rows of a batch)."""
+    from bench.profile_engine import count_tensor_ops, fed_engine
+    from stream_ser.assets import default_checkpoint
+    from stream_ser.model import load_checkpoint
+
+    net = load_checkpoint(default_checkpoint(), device) if kind == "bundled" else model
+    files = sorted((emodb_dir / "wav").glob("*.wav"))[:6]
+    audio = [load_audio(f).numpy() for f in files]
+    counted = {}
+    for n in (2, 6):
+        _, hop, warm_hops, _ = fed_engine(net, n, audio, partial_windows, shards=1, hops=1)
+        for h in range(warm_hops):
+            hop(h)
+        ops, _, preds = count_tensor_ops(lambda: hop(warm_hops))
+        assert len(preds) == n  # each stream's window moved: the hop did the whole work for all of them
+        counted[n] = ops
+    assert sum(counted[2].values()) > 100  # the whole hop was counted (front-end, detector, CNN, head)
+    assert counted[6] == counted[2], {k: (counted[2][k], counted[6][k]) for k in counted[2] | counted[6]
+                                      if counted[2][k] != counted[6][k]}

@@ -211,6 +211,24 @@ def test_bench_profile_engine_times_hops_without_the_profiler(emodb_dir, variant
     assert "ncalls" not in r.stdout  # no profile printed
 
 
+def test_bench_profile_engine_counts_a_hops_tensor_operations(emodb_dir):
+    """--ops: one hop's tensor operations at N streams and at N/4, their growth per stream, by operator."""
+    import sys
+    if default_checkpoint() is None:
+        pytest.skip("no bundled model in this install")
+    r = subprocess.run([sys.executable, "-m", "bench.profile_engine", "--checkpoint", "bundled", "--streams", "8",
+                        "--ops"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "STREAM_SER_EMODB": str(emodb_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {int(m[1]): (int(m[2]), int(m[3])) for m in
+            re.finditer(r"^ +(\d+) streams \((\d+) predictions\): (\d+) operations", r.stdout, re.M)}
+    assert set(rows) == {2, 8} and rows[2][0] == 2 and rows[8][0] == 8, r.stdout[:800]
+    assert rows[2][1] == rows[8][1] > 100 and "per added stream: +0.00 operations" in r.stdout, r.stdout[:800]
+    ops = dict((k, int(v)) for k, v in re.findall(r"(\w+) (\d+)", r.stdout.split("by operator at 8 streams:")[1]))
+    assert ops.get("lstm_cell", 0) > 0 and ops.get("linear_dynamic", 0) > 0  # the head's cells; int8 FC6/FC7
+    assert sum(ops.values()) == rows[8][1]
+
+
 def test_server_capacity_bench_runs_a_real_server_with_real_producers(tmp_path, emodb_dir):
     """bench.server_capacity, one tiny rung: `stream-ser live --source none --producers` in its own process, two
     websocket producers sending real EMO-DB speech at real-time pace, one subscriber to every stream: every

@@ -211,7 +211,7 @@ def _print_ops(model: EmotionModel, args, audio: list[np.ndarray], what: str) ->
     batch each: the shards split a hop's operations between threads, not their number per stream)."""
     counts = {}
     for n in sorted({max(1, args.streams // 4), args.streams}):
-        _, hop, warm_hops, _ = fed_engine(model, n, audio, args.partial_windows, shards=1, hops=1)
+        eng, hop, warm_hops, _ = fed_engine(model, n, audio, args.partial_windows, shards=1, hops=1)
         for h in range(warm_hops):
             hop(h)
         ops, views, preds = count_tensor_ops(lambda: hop(warm_hops))
@@ -223,7 +223,10 @@ def _print_ops(model: EmotionModel, args, audio: list[np.ndarray], what: str) ->
         (n0, (ops0, _, _)), (n1, (ops1, _, _)) = counts.items()
         grow = {k: (ops1[k] - ops0[k]) / (n1 - n0) for k in ops0 | ops1 if ops1[k] != ops0[k]}
         print(f"  per added stream: {sum(grow.values()):+.2f} operations"
-              + "".join(f"; {k} {v:+.2f}" for k, v in sorted(grow.items(), key=lambda kv: -abs(kv[1]))))
+              + "".join(f"; {k} {v:+.3f}" for k, v in sorted(grow.items(), key=lambda kv: -abs(kv[1]))))
+        if n1 > eng.max_batch:
+            print(f"  (over {eng.max_batch} streams, the engine's largest batch, its CNN and head calls repeat "
+                  f"once per {eng.max_batch}: compare counts within one batch)")
     ops = counts[args.streams][0]
     print(f"  by operator at {args.streams} streams: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
     return 0

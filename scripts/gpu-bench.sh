@@ -5,8 +5,8 @@
 #   2. what fp16 and bf16 change on the bundled model, on the GPU's kernels (EMO-DB, its training data);
 #   3. bench.run at 227 px in fp16 (the fp32 figures are the committed nvidia-*.json);
 #   4. the bundled model as `stream-ser live --device cuda` runs it (64 px, speaker normalisation), where
-#      its engine hop goes at 1024 streams (bench.profile_engine), the kernel launches of one hop at 256
-#      and 1024 streams (--ops: they must not grow with the streams), and its hop's median at 1024 and 2048
+#      its engine hop goes at 1024 streams (bench.profile_engine), the kernel launches of one hop at 128
+#      and 512 streams (--ops: they must not grow with the streams), and its hop's median at 1024 and 2048
 #      streams fed as fast as possible (--timing: under 320 ms is what 2000 real-time streams need), and
 #      at 1024 fresh streams, all in partial windows (a burst of new streams);
 #   5. the producers one `stream-ser live` server on the GPU carries end to end (bench.server_capacity).
@@ -28,8 +28,8 @@ python3 -m bench.run --device cuda --checkpoint bundled --repeats 1 --ladder 1 2
     --out "$DEST/bench" --docs "$DEST/benchmarks.md" > "$DEST/bench-bundled.log" 2>&1; tail -8 "$DEST/bench-bundled.log"
 python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 1024 --hops 5 --top 30 \
     > "$DEST/profile-bundled-1024.log" 2>&1; head -8 "$DEST/profile-bundled-1024.log"
-python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 1024 --ops \
-    > "$DEST/ops-bundled-1024.log" 2>&1; head -4 "$DEST/ops-bundled-1024.log"
+python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams 512 --ops \
+    > "$DEST/ops-bundled-512.log" 2>&1; head -4 "$DEST/ops-bundled-512.log"
 for n in 1024 2048; do
   python3 -m bench.profile_engine --device cuda --checkpoint bundled --streams $n --hops 10 --timing
 done 2>&1 | tee "$DEST/timing-bundled.log"

@@ -174,11 +174,10 @@ def test_a_hop_dispatches_as_many_tensor_operations_for_many_streams_as_for_few(
     """Where the model runs on a GPU every tensor operation is a kernel launch (several microseconds each),
     so a hop whose operations grew with its streams would be bound by them long before its batches were
     (on the H100 of docs/benchmarks.md, before the engine batched its front-end, a hop cost 0.7 ms a
-    stream). Counted with a dispatch mode, the same
-    hop (full windows, or fresh streams' partial ones) of 2 and of 6 streams dispatches the same operations:
-    the bundled model (int8, speaker adaptation, speech detection), and an untrained one (per-segment
-    normalisation, float32); on a GPU too where there is one. Views, which launch nothing, may grow (a
-    stream's rows of a batch)."""
+    stream). Counted with a dispatch mode, the same hop (full windows, or fresh streams' partial ones) of 2
+    and of 6 streams dispatches the same operations: the bundled model (int8, speaker adaptation, speech
+    detection), and an untrained one (per-segment normalisation, float32); on a GPU too where there is one.
+    Views, which launch nothing, may grow (a stream's rows of a batch)."""
     from bench.profile_engine import count_tensor_ops, fed_engine
     from stream_ser.assets import default_checkpoint
     from stream_ser.model import load_checkpoint

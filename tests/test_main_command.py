@@ -225,7 +225,7 @@ def test_bench_profile_engine_counts_a_hops_tensor_operations(emodb_dir):
     assert set(rows) == {2, 8} and rows[2][0] == 2 and rows[8][0] == 8, r.stdout[:800]
     assert rows[2][1] == rows[8][1] > 100 and "per added stream: +0.00 operations" in r.stdout, r.stdout[:800]
     ops = dict((k, int(v)) for k, v in re.findall(r"(\w+) (\d+)", r.stdout.split("by operator at 8 streams:")[1]))
-    assert ops.get("lstm_cell", 0) > 0 and ops.get("linear_dynamic", 0) > 0  # the head's cells; int8 FC6/FC7
+    assert ops.get("lstm_cell", 0) > 0 and ops.get("linear_dynamic", 0) > 0  # recurrent cells (head, detector); int8 FC6/FC7
     assert sum(ops.values()) == rows[8][1]
 
 

@@ -213,7 +213,6 @@ def test_bench_profile_engine_times_hops_without_the_profiler(emodb_dir, variant
 
 def test_bench_profile_engine_counts_a_hops_tensor_operations(emodb_dir):
     """--ops: one hop's tensor operations at N streams and at N/4, their growth per stream, by operator."""
-    import sys
     if default_checkpoint() is None:
         pytest.skip("no bundled model in this install")
     r = subprocess.run([sys.executable, "-m", "bench.profile_engine", "--checkpoint", "bundled", "--streams", "8",

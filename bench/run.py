@@ -727,6 +727,17 @@ CPU_NOTES = [
     "each stream's frame and detector bookkeeping, building its prediction). 512 bundled-model streams, "
     "`--timing`, three alternating pairs against d9b918a: median 169-181 -> 168-177 ms a hop (the host work "
     "removed is a millisecond or two of it: within the spread).",
+    "- 2026-11-27, night, the corpus front-end's host work (`Frontend.segments_many`, for the GPU's front-end "
+    "row: at 500x librosa the 535 EMO-DB files must take about 7 ms on the GPU machine). It dispatched 38 "
+    "operations a call whatever the number of files, but four views a file (each file's log-Mel frames cut "
+    "into its segments apart, and its samples flattened), 2164 views for the whole corpus in one call: "
+    "host time that on a GPU nothing hides. The segments are now gathered from the joined log-Mel frames in "
+    "one call by start indices computed on the host, as the frames already were from the joined samples: 38 "
+    "operations and 25 views for 16 or 535 files (`count_tensor_ops`; `tests/test_features.py` holds them "
+    "equal for 3 and 9 files, on a GPU too where there is one). Timed apart on this CPU, the per-file cutting "
+    "took 1.46 ms for 535 files and the start indices take 0.06 ms (best of 50). The CPU figure does not "
+    "change (its calls are bound by the FFT and memory traffic); the GPU one needs a lent GPU "
+    "(`scripts/gpu-bench.sh` tries 16, 128 and 535 files a call).",
     "",
 ]
 

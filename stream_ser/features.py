@@ -156,7 +156,8 @@ class Frontend(nn.Module):
             joined = torch.from_numpy(np.concatenate([w.reshape(-1) for w in waves]).astype(np.float32, copy=False))
             lengths = np.fromiter((w.size for w in waves), np.int64, len(waves))
         else:
-            joined = torch.cat([w.reshape(-1) for w in waves]) if len(waves) > 1 else waves[0].reshape(-1)
+            flat = [w if w.dim() == 1 else w.reshape(-1) for w in waves]  # (no view per file where none is needed)
+            joined = torch.cat(flat) if len(flat) > 1 else flat[0]
             lengths = np.fromiter((w.numel() for w in waves), np.int64, len(waves))
         counts = np.where(lengths >= cfg.win_length, 1 + (lengths - cfg.win_length) // cfg.hop_length, 0)
         # frame j of waveform i starts at sample offset_i + j hop of the joined samples
@@ -173,19 +174,28 @@ class Frontend(nn.Module):
         """Whole files of any lengths at once: a list of [N_i] -> a list of segments [S_i, C, M, L], each
         equal to ``segments(wave)[0]``. The frames of every file go through one FFT and one filterbank
         product, and the segments of every file through one delta and one normalisation call, so a corpus
-        costs a few large operations instead of a few small ones per file. ``stats`` as in :meth:`normalize`
-        (one speaker's, shared by all the files)."""
+        costs a few large operations instead of a few small ones per file. The segments are gathered from
+        the joined log-Mel frames by start indices computed on the host (as :meth:`_frames_many` gathers
+        frames), not cut file by file: four views per file were most of a call's host time for a whole
+        corpus, which on a GPU is what bounds it. ``stats`` as in :meth:`normalize` (one speaker's, shared
+        by all the files)."""
         cfg = self.config
-        statics, n_segs = [], []
-        for lm in self.log_mel_many(waves):
-            S = cfg.segments_for_frames(lm.shape[0])
-            n_segs.append(S)
-            if S:
-                statics.append(lm.T.unfold(-1, cfg.segment_frames, cfg.segment_shift).transpose(0, 1))  # [S, M, L]
-        if not statics:
+        frames, counts = self._frames_many(waves)  # [sum T_i, win], [T_i]
+        n_segs = [cfg.segments_for_frames(t) for t in counts]
+        total = sum(n_segs)
+        if not total:
             return [self.window.new_zeros(0, cfg.channels, cfg.n_mels, cfg.segment_frames) for _ in n_segs]
-        raw = self._with_deltas(torch.cat(statics))  # [sum S_i, C, M, L]
-        return list(self.normalize(raw, stats).split(n_segs))
+        log_mel = self._log_mel_frames(frames)  # [sum T_i, M]
+        # segment k of file i starts at frame first_i + k * shift of the joined frames
+        t, s = np.asarray(counts, np.int64), np.asarray(n_segs, np.int64)
+        seg_first = np.cumsum(s) - s
+        starts = (np.repeat(np.cumsum(t) - t, s)
+                  + cfg.segment_shift * (np.arange(total) - np.repeat(seg_first, s)))
+        windows = log_mel.unfold(0, cfg.segment_frames, 1)  # [sum T_i - L + 1, M, L], a view
+        # index_select writes a contiguous result (indexing would keep the view's frame-major strides, and
+        # the deltas' reshape would copy it again)
+        static = torch.index_select(windows, 0, torch.from_numpy(starts).to(log_mel.device))  # [sum S_i, M, L]
+        return list(self.normalize(self._with_deltas(static), stats).split(n_segs))
 
     def _with_deltas(self, static: torch.Tensor) -> torch.Tensor:
         """[..., M, L] static segments -> [..., C, M, L] with delta and delta-delta inside each segment."""

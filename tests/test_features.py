@@ -151,6 +151,26 @@ def test_whole_files_at_once_equal_one_by_one(emodb_dir, normalization):
     assert [x.shape[0] for x in fe.segments_many([])] == []
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_whole_files_at_once_cost_the_same_calls_for_many_files_as_for_few(emodb_dir, device):
+    """The corpus path's worth on a GPU is a fixed number of calls whatever the number of files: counted with
+    a dispatch mode, ``segments_many`` of 3 and of 9 real files dispatches the same operations (each a kernel
+    launch on a GPU) and the same views (host work only, but four a file were most of a whole corpus's host
+    time when each file's segments were cut apart), while giving 3 and 9 files' segments."""
+    from bench.profile_engine import count_tensor_ops
+
+    files = sorted((emodb_dir / "wav").glob("*.wav"))[:9]
+    waves = [load_audio(f).to(device) for f in files]
+    fe = Frontend().to(device)
+    counted = {}
+    for n in (3, 9):
+        ops, views, out = count_tensor_ops(lambda: fe.segments_many(waves[:n]))
+        assert len(out) == n and all(x.shape[0] > 0 for x in out)
+        counted[n] = ops, views
+    assert sum(counted[3][0].values()) > 20  # FFT, filterbank, deltas, normalisation
+    assert counted[9] == counted[3], (counted[3], counted[9])
+
+
 def test_many_waveforms_log_mel_on_the_host_equal_the_tensors(emodb_dir):
     """``log_mel_many(host=True)`` (what a live engine keeps its streams' frames in) from numpy arrays: the
     same numbers as the tensors from tensors, which are each waveform's frames alone; one array per

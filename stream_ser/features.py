@@ -69,6 +69,15 @@ def _split_rows(a: np.ndarray, counts: list[int]) -> list[np.ndarray]:
     return [a[e - c:e] for e, c in zip(ends, counts)]
 
 
+def _window_starts(sizes: np.ndarray, counts: np.ndarray, stride: int) -> np.ndarray:
+    """Items of ``sizes`` [I] elements laid end to end, each cut into ``counts`` [I] windows every ``stride``
+    elements -> every window's first element in the joined sequence [sum counts]: item i's window k starts
+    at (sizes before i) + k stride."""
+    first = np.cumsum(counts) - counts
+    return (np.repeat(np.cumsum(sizes) - sizes, counts)
+            + stride * (np.arange(int(counts.sum())) - np.repeat(first, counts)))
+
+
 class Frontend(nn.Module):
     """Log-Mel / delta / delta-delta segments and their CNN images.
 
@@ -160,10 +169,7 @@ class Frontend(nn.Module):
             joined = torch.cat(flat) if len(flat) > 1 else flat[0]
             lengths = np.fromiter((w.numel() for w in waves), np.int64, len(waves))
         counts = np.where(lengths >= cfg.win_length, 1 + (lengths - cfg.win_length) // cfg.hop_length, 0)
-        # frame j of waveform i starts at sample offset_i + j hop of the joined samples
-        first = np.cumsum(counts) - counts
-        starts = (np.repeat(np.cumsum(lengths) - lengths, counts)
-                  + cfg.hop_length * (np.arange(counts.sum()) - np.repeat(first, counts)))
+        starts = _window_starts(lengths, counts, cfg.hop_length)  # frame j of waveform i: its j-th hop
         joined = joined.to(self.window)
         if len(joined) < cfg.win_length:
             return self.window.new_zeros(0, cfg.win_length), counts.tolist()
@@ -186,11 +192,8 @@ class Frontend(nn.Module):
         if not total:
             return [self.window.new_zeros(0, cfg.channels, cfg.n_mels, cfg.segment_frames) for _ in n_segs]
         log_mel = self._log_mel_frames(frames)  # [sum T_i, M]
-        # segment k of file i starts at frame first_i + k * shift of the joined frames
-        t, s = np.asarray(counts, np.int64), np.asarray(n_segs, np.int64)
-        seg_first = np.cumsum(s) - s
-        starts = (np.repeat(np.cumsum(t) - t, s)
-                  + cfg.segment_shift * (np.arange(total) - np.repeat(seg_first, s)))
+        # segment k of file i: its k-th shift of frames
+        starts = _window_starts(np.asarray(counts, np.int64), np.asarray(n_segs, np.int64), cfg.segment_shift)
         windows = log_mel.unfold(0, cfg.segment_frames, 1)  # [sum T_i - L + 1, M, L], a view
         # index_select writes a contiguous result (indexing would keep the view's frame-major strides, and
         # the deltas' reshape would copy it again)

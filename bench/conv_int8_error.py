@@ -37,15 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.run import ROOT, cpu_model, machine_name, save_json
+from bench.run import ROOT, cpu_model, machine_name, rel_l2, save_json
 
 SCALE_FACTORS = (0.8, 0.9, 1.25, 1.5)  # common factors tried on every stored range (1.0: as deployed)
 MINMAX_MARGINS = (1.0, 1.25, 2.0)  # 8-bit ranges from the calibration extremes times these
 EQUALISE_ALPHAS = (0.5, 1.0)  # channel equalisation: 0.5 balances activation and weight ranges, 1 activations only
-
-
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got - ref).norm() / ref.norm())
 
 
 def _stack(features: nn.Sequential, split: int, activation, calibration: torch.Tensor):
@@ -174,8 +170,8 @@ def layers(stack, features: nn.Sequential, images: torch.Tensor, cal: dict) -> l
             steps = (y.int_repr().int() - exact_q.int_repr().int()).abs()
             qmax = cal["points"][f"features.{i}"][3]
             out.append({"layer": f"features.{i}", "scale": float(m.scale),
-                        "input_quantisation_rel_l2": _rel(xq.dequantize(), ref[i]),
-                        "output_rel_l2": _rel(y.dequantize(), want),
+                        "input_quantisation_rel_l2": rel_l2(xq.dequantize(), ref[i]),
+                        "output_rel_l2": rel_l2(y.dequantize(), want),
                         "beyond_calibrated_range": float((want > qmax * m.scale).float().mean()),
                         "beyond_255_steps": float((want > 255 * m.scale).float().mean()),
                         "kernel_max_steps_from_exact": int(steps.max()),
@@ -218,7 +214,7 @@ def main(argv=None) -> int:
 
     def err(fn) -> float:
         with torch.no_grad():
-            return _rel(fn(test_imgs), ref)
+            return rel_l2(fn(test_imgs), ref)
 
     deployed, cal = _deployed(model, cal_imgs)
     conv1 = next(i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)) + 1  # after conv1, ReLU, pool

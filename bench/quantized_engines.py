@@ -32,7 +32,7 @@ def measure(engine: str, checkpoint: str, repeats: int) -> dict:
     """One engine, in this interpreter: {"inference", "rel_l2_vs_fp32", "ms": {segments: median}}."""
     import torch
     torch.backends.quantized.engine = engine
-    from bench.run import median_ms
+    from bench.run import median_ms, rel_l2
     from stream_ser.allocator import keep_freed_memory
     from stream_ser.model import load_checkpoint
     from stream_ser.openmp import intra_op_threads
@@ -48,7 +48,7 @@ def measure(engine: str, checkpoint: str, repeats: int) -> dict:
 
     x = torch.randn(64, model.frontend_config.channels, size, size)
     got, want = run(model, x), run(ref, x)
-    out = {"inference": model.meta.get("inference"), "rel_l2_vs_fp32": float((got - want).norm() / want.norm()),
+    out = {"inference": model.meta.get("inference"), "rel_l2_vs_fp32": rel_l2(got, want),
            "ms": {}}
     for n, threads in BATCHES:
         x = torch.randn(n, model.frontend_config.channels, size, size)

@@ -81,6 +81,11 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     return 1e3 * statistics.median(times)
 
 
+def rel_l2(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error of ``got`` against ``ref``: ||got - ref|| / ||ref||."""
+    return float((got - ref).norm() / ref.norm())
+
+
 def _median_of(runs: list[dict]) -> dict:
     """Element-wise median of a list of same-shaped nested dicts of numbers."""
     out = {}

@@ -29,14 +29,14 @@ prefer_passive_wait()  # as `stream-ser` runs
 
 import torch  # noqa: E402
 
-from bench.run import ROOT, _checkpoint_path, cpu_model, machine_name, median_ms, save_json  # noqa: E402
+from bench.run import ROOT, _checkpoint_path, cpu_model, machine_name, median_ms, rel_l2, save_json  # noqa: E402
 
 BATCHES = (1, 8, 64, 384)  # windows or segments per call: one stream, then an engine hop's worth
 
 
 def _rel(a, b) -> float:
-    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
-    return float((a - b).norm() / b.norm())
+    """rel_l2 of two results, of their first parts where they are tuples (the head: logits, attention)."""
+    return rel_l2(*((a[0], b[0]) if isinstance(a, tuple) else (a, b)))
 
 
 def compare(name: str, fn, make, repeats: int, batches=BATCHES) -> dict:

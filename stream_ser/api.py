@@ -184,7 +184,8 @@ def load_model(path: str | Path | None = None, device: str = "cpu", precision: s
     """The bundled model (``path=None``) or a checkpoint, on ``device`` ("cpu", "cuda", "cuda:N").
 
     ``precision``: "auto" (int8 on the CPU: FC6/FC7 and the head's LSTM input projection, and the convolutions
-    where the checkpoint holds their activation ranges; fp32 on a GPU), "int8", "fp32", or "bf16" / "fp16" (the CNN
+    where the checkpoint holds their activation ranges; fp32 on a GPU), "int8", "int8x2" (the convolutions'
+    activations as two int8 levels: closer to fp32, slower than "int8"), "fp32", or "bf16" / "fp16" (the CNN
     in half precision, for a GPU).
     ``vad``: silero-vad decides which windows hold speech (False: an energy threshold).
     """

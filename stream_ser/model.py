@@ -20,6 +20,7 @@ compact form stores large matrices as int8 with one float32 scale per row.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -135,7 +136,7 @@ class SegmentEmbedder(nn.Module):
     @property
     def int8_convolutions(self) -> bool:
         """Whether the convolutions run in int8 (:func:`quantize_convolutions`)."""
-        return isinstance(self.features, _QuantizedConvStack)
+        return isinstance(self.features, (_QuantizedConvStack, _TwoLevelConvStack))
 
 
 class BaselineEmbedder(nn.Module):
@@ -457,7 +458,7 @@ def write_payload(payload: dict, path: str | Path) -> Path:
     return path
 
 
-PRECISIONS = ("auto", "int8", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "int8", "int8x2", "fp32", "bf16", "fp16")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -574,19 +575,29 @@ def calibrate_conv_int8(model: EmotionModel, images: torch.Tensor, batch: int = 
             "image_size": int(images.shape[-1])}
 
 
-def quantize_convolutions(model: EmotionModel) -> bool:
+def quantize_convolutions(model: EmotionModel, levels: int = 1) -> bool:
     """In place: the embedder's convolutions in int8 with the activation ranges stored in
-    ``meta["conv_int8"]`` (:func:`calibrate_conv_int8`). Returns False, changing nothing, where the
-    checkpoint holds no ranges or this machine's quantised engine is not one they fit."""
+    ``meta["conv_int8"]`` (:func:`calibrate_conv_int8`): ``levels`` 1, each activation one uint8 (the fastest),
+    or 2, two uint8 levels (:class:`_TwoLevelConvStack`: a quarter of the error, slower). Returns False,
+    changing nothing, where the checkpoint holds no ranges or this machine's quantised engine is not one they
+    fit (for 2 levels: where this torch has no oneDNN quantised convolution)."""
     import warnings
 
     from torch.ao.quantization import FixedQParamsObserver, QConfig, convert, get_default_qconfig, prepare
+    if levels not in (1, 2):
+        raise ValueError(f"levels must be 1 or 2, got {levels}")
     cal = model.meta.get(CONV_INT8_KEY)
     emb = model.embedder
     engine = torch.backends.quantized.engine
     if (not cal or engine not in CONV_INT8_ENGINES or not isinstance(emb, SegmentEmbedder)
             or not isinstance(emb.features, nn.Sequential) or model.device.type != "cpu"):
         return False
+    if levels == 2:
+        if not two_level_convolutions_available():
+            return False
+        dict(_named_fixed(_QuantizedConvStack(emb.features), cal["points"]))  # (ValueError: another network)
+        emb.features = _TwoLevelConvStack(emb.features, cal["points"])
+        return True
     stack = _QuantizedConvStack(emb.features).eval()
     default = get_default_qconfig(engine)
     weight = default.weight
@@ -602,6 +613,69 @@ def quantize_convolutions(model: EmotionModel) -> bool:
         convert(stack, inplace=True)
     emb.features = stack
     return True
+
+
+class _TwoLevelConvStack(nn.Module):
+    """AlexNet's conv stack on int8 kernels with every activation carried as two uint8 levels, for about
+    16-bit activations: float images in, float maps out (channels-last), the same values whatever the batch.
+
+    Each convolution's input x becomes q1 = floor(x / s1) (s1: the stored calibrated step, the image's zero
+    point kept) and q2 = round((x / s1 - q1) * 255), the remainder in steps of s1 / 255 (zero point 0: oneDNN's
+    kernels are many times slower with another); the convolution runs on both (float32 output), summed, with
+    the bias and ReLU fused into the second call. What is left is the weights' int8 rounding: the bundled
+    model's conv output 0.67 % from float32 against 2.53 % with one level (``python -m bench.conv_int8_error``),
+    at two int8 convolutions and a few element-wise passes per layer. oneDNN's quantised convolution
+    (``torch.ops.onednn.qconv2d_pointwise``, the kernels torch.compile lowers int8 models to on x86)."""
+
+    def __init__(self, features: nn.Sequential, points: dict):
+        super().__init__()
+        # what it was built from (oneDNN's packed weights are opaque tensors, which deepcopy cannot copy)
+        self._source = (copy.deepcopy(features).float().cpu().eval(), copy.deepcopy(points))
+        self.layers: list = []  # ("conv", params) or ("module", the float32 module: max-pooling)
+        before = points["quant"]
+        for i, m in enumerate(features):
+            if isinstance(m, nn.Conv2d):
+                s1, z1 = float(before[0]), int(before[1])
+                w = m.weight.detach().float().cpu()
+                w_scale = w.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127  # per output channel, symmetric
+                w_q = (w / w_scale.view(-1, 1, 1, 1)).round().clamp(-128, 127).to(torch.int8)
+                geometry = (list(m.stride), list(m.padding), list(m.dilation), m.groups)
+                packed = [torch.ops.onednn.qconv_prepack(w_q, w_scale, s, z, *geometry, None)
+                          for s, z in ((s1, z1), (s1 / 255, 0))]
+                bias = None if m.bias is None else m.bias.detach().float().cpu()
+                self.layers.append(("conv", (s1, z1, packed, w_scale, torch.zeros(len(w_scale), dtype=torch.long),
+                                             bias, geometry)))
+                before = points[f"features.{i}"]
+            elif not isinstance(m, nn.ReLU):  # (every ReLU follows a convolution: fused into it)
+                self.layers.append(("module", copy.deepcopy(m)))
+
+    def __deepcopy__(self, memo):
+        return _TwoLevelConvStack(*self._source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pointwise = torch.ops.onednn.qconv2d_pointwise
+        x = x.float().contiguous(memory_format=torch.channels_last)
+        for kind, layer in self.layers:
+            if kind == "module":
+                x = layer(x)
+                continue
+            s1, z1, (p1, p2), w_scale, w_zero, bias, (stride, padding, dilation, groups) = layer
+            u = torch.mul(x, 1.0 / s1)
+            if z1:
+                u.add_(z1)
+            coarse = u.floor().clamp_(0, 255)
+            fine = u.sub_(coarse).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+            y = pointwise(coarse.to(torch.uint8), s1, z1, p1, w_scale, w_zero, bias, stride, padding, dilation,
+                          groups, 1.0, 0, torch.float32, "none", [], "")
+            x = pointwise.binary(fine, s1 / 255, 0, p2, w_scale, w_zero, y, None, stride, padding, dilation,
+                                 groups, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "relu", [], "")
+        return x
+
+
+def two_level_convolutions_available() -> bool:
+    """Whether this torch build has oneDNN's quantised convolution (x86 CPUs with oneDNN: the PyPI wheels)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+            and hasattr(torch.ops.onednn, "qconv_prepack"))
 
 
 def _named_fixed(stack: nn.Module, points: dict) -> list[tuple[str, list]]:
@@ -638,7 +712,7 @@ def quantize_head_projection(model: EmotionModel) -> bool:
     return True
 
 
-def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
+def quantize_for_cpu(model: EmotionModel, conv_levels: int = 1) -> EmotionModel:
     """The CPU fast path, in place: int8 inference for the embedder's FC6/FC7 (dynamic quantisation,
     fbgemm/oneDNN kernels) and for its convolutions where the checkpoint carries their activation ranges.
 
@@ -652,6 +726,7 @@ def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     float rounding. The head's LSTM input projection runs in int8 too
     (:func:`quantize_head_projection`); its recurrence and classifier stay float32.
     Below 227 px the pool is first folded into FC6 (:func:`fold_pool_into_fc6`). CPU only.
+    ``conv_levels`` 2: the convolutions' activations as two int8 levels (:class:`_TwoLevelConvStack`).
     """
     import warnings
     emb = model.embedder
@@ -661,8 +736,9 @@ def quantize_for_cpu(model: EmotionModel) -> EmotionModel:
     with warnings.catch_warnings():  # torch 2.11 flags torch.ao.quantization for a future move to torchao
         warnings.simplefilter("ignore")
         emb.fc = torch.ao.quantization.quantize_dynamic(emb.fc, {nn.Linear}, dtype=torch.qint8)
-    if quantize_convolutions(model):
-        convs = "int8 convolutions (static, calibrated)"
+    if quantize_convolutions(model, conv_levels):
+        convs = ("int8 convolutions (static, calibrated)" if conv_levels == 1
+                 else "int8 convolutions (static, calibrated, two-level activations)")
     else:
         emb.features.to(memory_format=torch.channels_last)
         convs = "channels-last convolutions"
@@ -696,7 +772,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
 
     ``precision``: ``auto`` (int8 FC6/FC7 and head input projection on the CPU, and the convolutions where
     ``meta["conv_int8"]`` holds their activation ranges; fp32 elsewhere; see
-    :func:`quantize_for_cpu`), ``int8`` (the same), ``fp32``, or ``bf16`` / ``fp16`` (the CNN in
+    :func:`quantize_for_cpu`), ``int8`` (the same), ``int8x2`` (the same with the convolutions' activations
+    as two int8 levels: :class:`_TwoLevelConvStack`), ``fp32``, or ``bf16`` / ``fp16`` (the CNN in
     half precision, :func:`half_precision_cnn`).
     """
     if precision not in PRECISIONS:
@@ -720,5 +797,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     if precision in HALF_DTYPES:
         return half_precision_cnn(model, precision)
     if precision != "fp32":
-        quantize_for_cpu(model)
+        quantize_for_cpu(model, 2 if precision == "int8x2" else 1)
     return model

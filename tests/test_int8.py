@@ -150,6 +150,79 @@ def test_calibrated_int8_convolutions_are_batch_independent_close_and_survive_th
         quantize_convolutions(wrong)
 
 
+def test_two_level_int8_convolutions_are_batch_independent_and_several_times_closer_to_fp32(emodb_wav, tmp_path):
+    """``int8x2``: each conv activation as two uint8 levels (the calibrated step, then the remainder in 255ths
+    of it) on oneDNN's int8 kernels. Fixed steps, so a segment's features do not depend on its batch; what is
+    left is the weights' int8 rounding, several times less than one level's error on real speech; a
+    checkpoint with ranges loads it with ``precision="int8x2"``; without ranges it stays float32."""
+    import copy
+
+    from offline.corpora import Utterance
+    from offline.int8_ranges import live_images
+    from stream_ser.config import FrontendConfig
+    from stream_ser.model import (CONV_INT8_KEY, EmotionModel, calibrate_conv_int8, quantize_convolutions,
+                                  save_checkpoint, two_level_convolutions_available)
+    if not two_level_convolutions_available():
+        pytest.skip("this torch build has no oneDNN quantised convolution")
+    torch.manual_seed(0)
+    fp32 = EmotionModel(FrontendConfig(image_size=112, normalization="speaker")).eval()
+    utts = [Utterance(emodb_wav(stem), "anger", stem[:2], stem[:2], stem) for stem in ("03a01Wa", "08a01Ab", "16b01Tb")]
+    images, _ = live_images(fp32, utts)
+    cal = calibrate_conv_int8(fp32, images[::2])
+    one, two = _with_meta(fp32, {CONV_INT8_KEY: cal}), _with_meta(fp32, {CONV_INT8_KEY: cal})
+    assert quantize_convolutions(one, levels=1) and quantize_convolutions(two, levels=2)
+    assert two.embedder.int8_convolutions and not any(type(m) is nn.Conv2d for m in two.embedder.modules())
+    x = images[1::2][:6]  # (segments the ranges were not measured on)
+    with torch.no_grad():
+        ref = fp32.embedder.features(x)
+        batched = two.embedder.features(x)
+        alone = torch.cat([two.embedder.features(x[i:i + 1]) for i in range(len(x))])
+        err1 = float((one.embedder.features(x) - ref).norm() / ref.norm())
+    err2 = float((batched - ref).norm() / ref.norm())
+    torch.testing.assert_close(batched, alone, rtol=0, atol=0)
+    assert err2 < 0.015 and err2 < err1 / 2, (err1, err2)
+    with torch.no_grad():  # (a copy rebuilds oneDNN's packed weights, which cannot be copied)
+        torch.testing.assert_close(copy.deepcopy(two).embedder.features(x), batched, rtol=0, atol=0)
+    path = save_checkpoint(_with_meta(fp32, {CONV_INT8_KEY: cal}), tmp_path / "m.pt")
+    loaded = load_checkpoint(path, "cpu", precision="int8x2")
+    assert loaded.embedder.int8_convolutions and "two-level" in loaded.describe()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embedder.features(x), batched, rtol=0, atol=0)
+    plain = copy.deepcopy(fp32)
+    assert not quantize_convolutions(plain, levels=2) and not plain.embedder.int8_convolutions
+    with pytest.raises(ValueError, match="does not fit"):
+        quantize_convolutions(_with_meta(fp32, {CONV_INT8_KEY: {**cal, "points": {"quant": cal["points"]["quant"]}}}),
+                              levels=2)
+
+
+def test_the_bundled_model_in_int8x2_answers_as_fp32_and_streams_as_it_predicts_offline(models, emodb_dir, emodb_wav):
+    """The bundled model with two-level int8 convolutions: the same answers as float32 on real speech of every
+    EMO-DB speaker, and a stream's full windows equal the offline windows (to the per-batch scaling of the
+    int8 FC6/FC7, as ``int8``)."""
+    from stream_ser.model import two_level_convolutions_available
+    if not two_level_convolutions_available():
+        pytest.skip("this torch build has no oneDNN quantised convolution")
+    _, f = models
+    q = load_checkpoint(default_checkpoint(), "cpu", precision="int8x2")
+    assert "two-level" in q.describe()
+    waves = [load_audio(p) for p in sorted((emodb_dir / "wav").glob("*.wav"))[::45]]
+    pq, pf = q.predict(waves), f.predict(waves)
+    assert (pq.argmax(-1) == pf.argmax(-1)).all()
+    assert float((pq - pf).abs().max()) < 0.03
+    audio = load_audio(emodb_wav("16b01Tb")).numpy()
+    cfg = q.frontend_config
+    n = cfg.segments_for_frames(cfg.frames_for(len(audio))) - cfg.segments_per_utterance + 1
+    offline = q.predict([torch.from_numpy(audio[cfg.shift_samples * k: cfg.shift_samples * k + cfg.utterance_samples])
+                         for k in range(n)]).numpy()
+    rec = StreamingRecognizer(q, adapt=False, vad=False)
+    preds = []
+    for i in range(0, len(audio), 1000):
+        preds += rec.push(audio[i:i + 1000])
+    got = np.array([[p.probabilities[lab] for lab in q.labels] for p in preds if not p.partial])
+    assert got.shape == offline.shape
+    np.testing.assert_allclose(got, offline, atol=0.01, rtol=0)
+
+
 def test_the_heads_lstm_input_projection_runs_in_int8_close_to_fp32_and_offline_uses_it_too(models, emodb_wav):
     """The fast path projects each segment's features for the head's LSTM in int8 (one dynamically quantised
     linear for both directions): close to float32's projection on real speech; the recurrence stays float32;

@@ -198,7 +198,7 @@ def fold_run_record(corpus: Corpus, cfg: TrainConfig, bank: FeatureBank, job: Fo
     # what `stream-ser live` runs on a CPU: the same compact model with int8 FC6/FC7 (and LSTM input projection)
     # inference (a checkpoint without activation ranges), and with int8 convolutions as well (one with them, as
     # `train` writes it)
-    deployed = conv8 = None
+    deployed = conv8 = conv8x2 = None
     int8_paths = {}  # what each int8 column ran (``meta["inference"]``): the fast path has grown over time
     if device.type == "cpu" and cfg.arch == "dcnn_blstmwa":
         fast = quantize_for_cpu(copy.deepcopy(small))
@@ -209,20 +209,26 @@ def fold_run_record(corpus: Corpus, cfg: TrainConfig, bank: FeatureBank, job: Fo
             from .int8_ranges import conv_int8_meta
             small.meta = dict(small.meta) | {CONV_INT8_KEY: conv_int8_meta(small, train_u, corpus.name, job.seed,
                                                                             log=lambda m: None)}
+            two = quantize_for_cpu(copy.deepcopy(small), conv_levels=2)  # (the activations as two int8 levels)
             fast = quantize_for_cpu(small)
             int8_paths["int8_conv_inference"] = fast.meta.get("inference")
             conv8 = evaluate_model(fast, bank, test_u, device, False)
+            if two.embedder.int8_convolutions:
+                int8_paths["int8_conv2_inference"] = two.meta.get("inference")
+                conv8x2 = evaluate_model(two, bank, test_u, device, False)
     rec = {"fold": fold.name, "run": job.run, "seed": job.seed, "test": list(fold.test), "val": list(fold.val),
            "train": list(fold.train), "uar": res["uar"], "wa": res["wa"], "confusion": res["confusion"],
            "compact_uar": compact["uar"], "compact_wa": compact["wa"],
            "int8_uar": deployed["uar"] if deployed else None,
-           "int8_conv_uar": conv8["uar"] if conv8 else None, **int8_paths,
+           "int8_conv_uar": conv8["uar"] if conv8 else None,
+           "int8_conv2_uar": conv8x2["uar"] if conv8x2 else None, **int8_paths,
            "predictions": {"uids": res["uids"], "true": res["true"], "pred": res["pred"], "probs": res["probs"]},
            "train_info": info, "seconds": time.time() - t0, "config_fingerprint": fingerprint}
     log(f"fold {fold.name} run {job.run}: test UAR {res['uar']:.4f} WA {res['wa']:.4f} "
         f"(int8 compact: UAR {compact['uar']:.4f}"
         + (f"; int8 inference: UAR {deployed['uar']:.4f}" if deployed else "")
-        + (f"; with int8 convolutions: UAR {conv8['uar']:.4f}" if conv8 else "") + f") ({rec['seconds']:.0f} s)")
+        + (f"; with int8 convolutions: UAR {conv8['uar']:.4f}" if conv8 else "")
+        + (f"; two-level: UAR {conv8x2['uar']:.4f}" if conv8x2 else "") + f") ({rec['seconds']:.0f} s)")
     return rec
 
 

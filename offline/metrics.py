@@ -77,6 +77,7 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
     compact = [r["compact_uar"] for r in fold_runs if r.get("compact_uar") is not None]
     int8 = [(r["int8_uar"], r["uar"]) for r in fold_runs if r.get("int8_uar") is not None]
     conv8 = [(r["int8_conv_uar"], r["uar"]) for r in fold_runs if r.get("int8_conv_uar") is not None]
+    conv8x2 = [(r["int8_conv2_uar"], r["uar"]) for r in fold_runs if r.get("int8_conv2_uar") is not None]
     every = lambda xs: len(xs) == len(fold_runs) and bool(xs)  # noqa: E731  (a mean only over every fold-run)
     m, s = mean_std(fold_uar.values())
     ens = ensemble_fold_uar(fold_runs, K)
@@ -97,9 +98,13 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         "int8_conv_uar_mean": float(np.mean([a for a, _ in conv8])) if every(conv8) else None,
         "int8_conv_max_abs_diff": float(max(abs(a - b) for a, b in conv8)) if every(conv8) else None,
         "int8_conv_fold_runs": len(conv8),
+        # ... with their activations as two int8 levels (precision "int8x2", since 2026-11-27)
+        "int8_conv2_uar_mean": float(np.mean([a for a, _ in conv8x2])) if every(conv8x2) else None,
+        "int8_conv2_max_abs_diff": float(max(abs(a - b) for a, b in conv8x2)) if every(conv8x2) else None,
         # what those two columns ran, where the fold-runs say (since 2026-11-27) and all say the same
         "int8_inference": _one_value(fold_runs, "int8_inference"),
         "int8_conv_inference": _one_value(fold_runs, "int8_conv_inference"),
+        "int8_conv2_inference": _one_value(fold_runs, "int8_conv2_inference"),
         "uar_run_mean": float(np.mean([r["uar"] for r in fold_runs])) if fold_runs else float("nan"),
         "by_corpus": summarize_by_corpus(fold_runs, labels),
     }

@@ -178,7 +178,11 @@ def render_markdown(results: dict) -> str:
                      + (f"; {s['int8_conv_inference']}" if s.get("int8_conv_inference") else "")
                      + f"), mean over fold-runs (%) | {100 * s['int8_conv_uar_mean']:.2f} (largest change on one fold: "
                      f"{100 * s['int8_conv_max_abs_diff']:.2f} points) | – |")
-    elif s.get("int8_conv_fold_runs"):
+    if s.get("int8_conv2_uar_mean") is not None:
+        lines.append("| UAR with the int8 convolutions' activations as two int8 levels (`--precision int8x2`), mean "
+                     f"over fold-runs (%) | {100 * s['int8_conv2_uar_mean']:.2f} (largest change on one fold: "
+                     f"{100 * s['int8_conv2_max_abs_diff']:.2f} points) | – |")
+    if s.get("int8_conv_uar_mean") is None and s.get("int8_conv_fold_runs"):
         lines.append(f"| UAR with int8 convolutions as well | measured on {s['int8_conv_fold_runs']} of "
                      f"{s['n_fold_runs']} fold-runs only (the others ran before it existed): no mean; per fold-run "
                      "in results.json (`int8_conv_uar`) | – |")

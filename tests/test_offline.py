@@ -17,7 +17,7 @@ from offline.metrics import confusion_matrix, recall_per_class, summarize, uar, 
 from offline.train import FeatureBank, TrainConfig, config_from_args, train_model
 from stream_ser.config import FrontendConfig, ModelConfig
 from stream_ser.model import (ALEXNET_FILE, CheckpointError, EmotionModel, WeightsError, load_checkpoint,
-                              save_checkpoint)
+                              save_checkpoint, two_level_convolutions_available)
 
 from test_audio_corpora import _iemocap_tree
 
@@ -198,13 +198,18 @@ def test_loso_end_to_end_writes_results_report_and_plot(emodb_dir, tmp_path, cap
         # which int8 path each column ran, in the record (the fast path has grown since the first runs)
         assert "int8 LSTM input projection" in r["int8_inference"] and "int8 convolutions" not in r["int8_inference"]
         assert "int8 convolutions" in r["int8_conv_inference"]
+        if two_level_convolutions_available():  # ... and with their activations as two int8 levels
+            assert 0 <= r["int8_conv2_uar"] <= 1 and "two-level activations" in r["int8_conv2_inference"]
     s = res["summary"]
     assert s["int8_conv_uar_mean"] == pytest.approx(np.mean([r["int8_conv_uar"] for r in res["fold_runs"]]))
+    if two_level_convolutions_available():
+        assert s["int8_conv2_uar_mean"] == pytest.approx(np.mean([r["int8_conv2_uar"] for r in res["fold_runs"]]))
     assert s["int8_inference"] == res["fold_runs"][0]["int8_inference"]
     assert np.asarray(s["confusion"]).sum() == 12 and res["machine"]["torch"] == torch.__version__
     report = (out / "report.md").read_text()
     assert "UAR, mean ± std over folds" in report and "81.31" in report  # the paper's no-pretraining figure
     assert "int8 convolutions as well" in report
+    assert ("two int8 levels" in report) == two_level_convolutions_available()
     assert f"(compact model, {s['int8_inference']})" in report
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "run.log").read_text().count("test UAR") == 3

@@ -8,7 +8,8 @@ gives the CNN (``offline.int8_ranges.live_images``). On the test images:
 
 1. The conv stack's error (relative L2 against float32) as ``stream-ser live`` runs it (the ranges
    :func:`stream_ser.model.calibrate_conv_int8` measures: the histogram observer with the engine's 7-bit
-   activations), and alternatives: ranges measured for 8 bits, the first convolution left in float32,
+   activations), and alternatives: the same ranges with each activation as two int8 levels (``--precision
+   int8x2``), ranges measured for 8 bits, the first convolution left in float32,
    every stored range scaled by a common factor, 8-bit ranges from the calibration extremes with a margin
    (no histogram), the channels of every activation brought to comparable ranges before quantising
    (SmoothQuant-style, folded into the weights: ReLU and max-pooling commute with a positive scale), and,
@@ -20,6 +21,9 @@ gives the CNN (``offline.int8_ranges.live_images``). On the test images:
 3. Whether the int8 kernels compute exactly what integer arithmetic gives: each quantised convolution against
    the same sums done in float64 from its quantised input and weights, requantised. A kernel whose 16-bit
    intermediate sums saturated would differ here by many steps.
+
+4. What the conv stack costs (median ms) in float32, int8 and int8x2 (two int8 levels per activation),
+   for 1, 8 and 64 segments on one and two threads.
 
 Writes ``bench/results/precision/conv-int8-error-<machine>.json`` (and prints it).
 """
@@ -73,6 +77,41 @@ def _deployed(model, calibration: torch.Tensor, factor: float = 1.0):
     if not quantize_convolutions(probe):
         raise SystemExit(f"this machine's quantised engine ({torch.backends.quantized.engine}) has no int8 convolutions")
     return probe.embedder.features, cal
+
+
+def _two_level(model, cal: dict):
+    """The conv stack ``--precision int8x2`` runs (each activation as two int8 levels) from the same ranges."""
+    from stream_ser.model import CONV_INT8_KEY, quantize_convolutions
+    probe = copy.deepcopy(model)
+    probe.meta = dict(probe.meta) | {CONV_INT8_KEY: cal}
+    if not quantize_convolutions(probe, levels=2):
+        return None
+    return probe.embedder.features
+
+
+def speed(stacks: dict, images: torch.Tensor, batches=(1, 8, 64), repeats: int = 20) -> list[dict]:
+    """Median ms of each conv stack on ``images[:n]`` on one and on two threads (after 3 warm-up calls)."""
+    import statistics
+    out, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for n in batches:
+                x = images[:n]
+                row = {"threads": threads, "segments": int(len(x))}
+                for name, fn in stacks.items():
+                    times = []
+                    with torch.no_grad():
+                        for k in range(repeats + 3):
+                            t0 = time.perf_counter()
+                            fn(x)
+                            if k >= 3:
+                                times.append(1e3 * (time.perf_counter() - t0))
+                    row[name] = round(statistics.median(times), 3)
+                out.append(row)
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 def _minmax(model, calibration: torch.Tensor, margin: float):
@@ -191,6 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="bundled", help="bundled (default: the model stream-ser live runs) or a path")
     ap.add_argument("--emodb", default=os.environ.get("STREAM_SER_EMODB", str(ROOT.parent / "shared" / "data" / "emodb")))
     ap.add_argument("--files-per-speaker", type=int, default=4, help="files each speaker's recognizer hears")
+    ap.add_argument("--repeats", type=int, default=20, help="timed calls per conv stack and batch (median)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "precision"))
     args = ap.parse_args(argv)
     path = default_checkpoint() if args.checkpoint == "bundled" else Path(args.checkpoint)
@@ -232,13 +272,21 @@ def main(argv=None) -> int:
         quantised, twin = _equalised(model, cal_imgs, a)
         stack[f"channels equalised (alpha {a}), 7-bit ranges (histogram)"] = err(quantised)
         same[str(a)] = err(twin)
+    two = _two_level(model, cal)
+    if two is not None:
+        stack["two int8 levels per activation (int8x2: the remainder of each step in 255ths)"] = err(two)
     stack["weights only in int8 (activations float32)"] = err(_weights_only(features))
+    channels_last = copy.deepcopy(features).to(memory_format=torch.channels_last)
+    timed = {"float32 (channels-last)": lambda x: channels_last(x.contiguous(memory_format=torch.channels_last)),
+             "int8": deployed} | ({"int8x2": two} if two is not None else {})
+    images = torch.cat([test_imgs] * (1 + 64 // len(test_imgs)))
     res = {"cpu": cpu_model(), "torch": torch.__version__, "engine": torch.backends.quantized.engine,
            "date": time.strftime("%Y-%m-%d %H:%M"), "checkpoint": str(path),
            "image_size": int(test_imgs.shape[-1]), "calibration_images": len(cal_imgs),
            "test_images": len(test_imgs), "calibration_speakers": sorted(half),
            "stack_rel_l2": stack, "equalised_float32_rel_l2": same,
-           "layers": layers(deployed, features, test_imgs, cal)}
+           "layers": layers(deployed, features, test_imgs, cal),
+           "conv_stack_ms": speed(timed, images, repeats=args.repeats)}
     save_json(res, args.out, f"conv-int8-error-{machine_name(torch.device('cpu'))}")
     return 0
 

@@ -30,12 +30,12 @@ def main(argv=None) -> int:
     ap.add_argument("--emodb", default="../shared/data/emodb")
     ap.add_argument("--ravdess", default="../shared/data/ravdess", help="'' leaves RAVDESS out (EMO-DB alone)")
     ap.add_argument("--cache-dir", default=".cache/features")
-    ap.add_argument("--precision", choices=("int8", "bf16", "fp16"), default="int8",
+    ap.add_argument("--precision", choices=("int8", "int8x2", "bf16", "fp16"), default="int8",
                     help="the path compared with fp32 (default: int8, the CPU's fast path)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 / fp16 on the GPU's own kernels)")
     args = ap.parse_args(argv)
-    if args.precision == "int8" and args.device != "cpu":
-        ap.error("int8 is the CPU's path")
+    if args.precision in ("int8", "int8x2") and args.device != "cpu":
+        ap.error(f"{args.precision} is a CPU path")
     device = torch.device(args.device)
     path = args.checkpoint or default_checkpoint()
     fp32 = load_checkpoint(path, device, precision="fp32")

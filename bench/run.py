@@ -65,7 +65,9 @@ def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu-{torch.get_num_threads()}threads-{cpu_model()}"
+        # ("Intel(R) Xeon(R) Processor" -> intel-xeon: the marks and the generic word say nothing)
+        model = re.sub(r"\((R|TM)\)|\bProcessor\b", " ", cpu_model(), flags=re.I)
+        name = f"cpu-{torch.get_num_threads()}threads-{model}"
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:60]
 
 
@@ -743,6 +745,30 @@ CPU_NOTES = [
     "took 1.46 ms for 535 files and the start indices take 0.06 ms (best of 50). The CPU figure does not "
     "change (its calls are bound by the FFT and memory traffic); the GPU one needs a lent GPU "
     "(`scripts/gpu-bench.sh` tries 16, 128 and 535 files a call).",
+    "- 2026-11-27, evening, on another machine: an Intel Xeon (2 cores, AVX-512 VNNI and AMX; the sections "
+    "`cpu-2threads-intel-xeon-*` above, the bundled model only) instead of the AMD EPYC of the other CPU "
+    "sections. Its small operations are slower (one stream's front-end p50 6.6 against 3.3 ms), so a hop is "
+    "too: p99 9-11 ms against 4.3; capacity 384 streams (448 missed twice), where the AMD carried 768. On it "
+    "AMX does not change which path is fastest (the bundled model's embedding and projection, one 64 px "
+    "segment on one thread, medians of 30 timed by a one-off script: fp32 17.6 ms, int8 2.2, bf16 15.2, bf16 "
+    "with the pool folded 10.0; FC6/FC7's weight traffic dominates, and int8 moves a quarter of it).",
+    "- 2026-11-27, evening, the int8 convolutions' accuracy again (the row they miss): each activation as two "
+    "int8 levels (`--precision int8x2`, `stream_ser.model._TwoLevelConvStack`): floor to the calibrated step, "
+    "then the remainder in 255ths of it, both through oneDNN's int8 convolution with float32 output (the "
+    "second call adds the bias and ReLU to the first's sum), the same stored ranges. The bundled model's conv "
+    "stack 0.67 % from float32 against 2.53 % (the weights' own share is 0.56 %; `python -m "
+    "bench.conv_int8_error`, `bench/results/precision/conv-int8-error-cpu-2threads-intel-xeon.json`, which "
+    "also times the stacks); 6 of its 1975 answers change against 11 (`bench/results/precision/"
+    "bundled-int8x2-cpu.json`). Zero points other than 0 made oneDNN's kernels 5-12x slower (compensation "
+    "per call), hence floor and a remainder that is never negative. Cost, conv stack at 64 px on one thread: "
+    "1 segment 3.4 ms (int8 2.2, float32 3.5), 64 segments 19.3 ms (int8 6.7, float32 64.0). The bundled "
+    "model live, three alternating pairs on the Xeon: one stream p99 10.7-14.0 ms against int8's 9.2-11.1; "
+    "256-320 streams (320 and 384 missed) against 384 (448 missed). On held-out speakers "
+    "(`docs/results/emodb-cpu-int8x2`, 10 folds on the Xeon) it changes 2 folds by one answer each (-2.04, "
+    "+2.38; mean +0.03 points), single-level int8 3 folds (+1.43 to +3.57; mean +0.66), and int8 FC6/FC7 "
+    "without int8 convolutions one (-1.30): no int8 path keeps every fold within 0.5 points on these models. "
+    "So the default stays single-level int8, the fastest; int8x2 is an option for features closer to "
+    "float32.",
     "",
 ]
 
@@ -866,9 +892,10 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI: checks the code, measures nothing useful")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--precision", choices=("fp32", "int8", "bf16", "fp16"), default=None,
+    ap.add_argument("--precision", choices=("fp32", "int8", "int8x2", "bf16", "fp16"), default=None,
                     help="int8: FC6/FC7 dynamically quantised and the convolutions statically, as `stream-ser "
-                         "live` runs on a CPU (CPU only); bf16 / fp16: the CNN in half precision (for a GPU). "
+                         "live` runs on a CPU (CPU only); int8x2: the same with the convolutions' activations as "
+                         "two int8 levels (CPU only); bf16 / fp16: the CNN in half precision (for a GPU). "
                          "Default: fp32, or with --checkpoint what `stream-ser live` picks (int8 on a CPU)")
     ap.add_argument("--checkpoint", default=None, metavar="PATH|bundled",
                     help="measure this trained model, loaded as `stream-ser live` loads it, instead of untrained "
@@ -897,8 +924,8 @@ def main(argv=None) -> int:
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "keeps_freed_memory": keeps_freed}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
-    if args.precision == "int8" and device.type != "cpu":
-        ap.error("--precision int8 is a CPU path")
+    if args.precision in ("int8", "int8x2") and device.type != "cpu":
+        ap.error(f"--precision {args.precision} is a CPU path")
     checkpoint = _checkpoint_path(ap, args.checkpoint)
     precision = args.precision or ("fp32" if checkpoint is None or device.type != "cpu" else "int8")
     machine["precision"] = precision
@@ -924,13 +951,13 @@ def main(argv=None) -> int:
     for size in args.image_sizes:
         print(f"CNN input {size} px", flush=True)
         model = EmotionModel(FrontendConfig(image_size=size)).to(device).eval()
-        if precision == "int8":
+        if precision in ("int8", "int8x2"):
             # int8 convolutions as a trained checkpoint gets them: activation ranges from real speech (here
             # this untrained model's, from the benchmark's files; the speed does not depend on the values)
             with torch.no_grad():
                 imgs = model.images(torch.cat([model.frontend.segments(torch.from_numpy(a))[0] for a in audio[:4]]))
             model.meta[CONV_INT8_KEY] = calibrate_conv_int8(model, imgs)
-            quantize_for_cpu(model)
+            quantize_for_cpu(model, 2 if precision == "int8x2" else 1)
         elif precision != "fp32":
             half_precision_cnn(model, precision)
         result["models"][str(size)] = measure_model(model, audio, long_file, long_audio, ladder, repeats, smoke)

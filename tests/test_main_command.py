@@ -140,13 +140,22 @@ def test_bench_conv_int8_error_measures_the_deployed_stack_and_its_alternatives(
     import json
     import sys
     r = subprocess.run([sys.executable, "-m", "bench.conv_int8_error", "--files-per-speaker", "1", "--emodb",
-                        str(emodb_dir), "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        str(emodb_dir), "--repeats", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(next(tmp_path.glob("conv-int8-error-*.json")).read_text())
+    from stream_ser.model import two_level_convolutions_available
+    two = two_level_convolutions_available()
     assert res["calibration_images"] > 0 and res["test_images"] > 0 and res["image_size"] == 64
     stack = res["stack_rel_l2"]
-    assert len(stack) == 13 and all(0 < v < 1 for v in stack.values())
+    assert len(stack) == 13 + two and all(0 < v < 1 for v in stack.values())
     assert stack["deployed (7-bit ranges, histogram)"] < 0.1  # what `stream-ser live` runs stays close to fp32
+    if two:  # two int8 levels per activation: most of the activations' error gone
+        int8x2 = next(v for k, v in stack.items() if k.startswith("two int8 levels"))
+        assert int8x2 < stack["deployed (7-bit ranges, histogram)"] / 2
+    speeds = res["conv_stack_ms"]
+    assert [(x["threads"], x["segments"]) for x in speeds] == [(t, n) for t in (1, 2) for n in (1, 8, 64)]
+    assert all(x[k] > 0 for x in speeds for k in ("float32 (channels-last)", "int8") + (("int8x2",) if two else ()))
     # the weights' share of the error is the smaller one (activations in float32)
     assert stack["weights only in int8 (activations float32)"] < stack["deployed (7-bit ranges, histogram)"]
     # the channel equalisation is a rescaling only: in float32 the equalised stack computes the original's

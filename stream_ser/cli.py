@@ -83,7 +83,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
                         "projection, and the convolutions when the checkpoint holds their activation ranges, as the "
                         "bundled model does: 1-3 %% change in the embeddings, several times faster), fp32 on a GPU; "
                         "int8x2 = the same with each conv activation as two int8 levels (a quarter of the "
-                        "convolutions' error, two to six times their time, still faster than fp32 for many "
+                        "convolutions' error, two to three times their time, still faster than fp32 for many "
                         "streams); fp32 forces full precision; bf16 and "
                         "fp16 run the CNN in half precision (for a GPU's tensor cores)")
 

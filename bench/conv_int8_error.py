@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.run import ROOT, cpu_model, machine_name, rel_l2, save_json
+from bench.run import ROOT, cpu_model, machine_name, median_ms, rel_l2, save_json
 
 SCALE_FACTORS = (0.8, 0.9, 1.25, 1.5)  # common factors tried on every stored range (1.0: as deployed)
 MINMAX_MARGINS = (1.0, 1.25, 2.0)  # 8-bit ranges from the calibration extremes times these
@@ -91,7 +91,6 @@ def _two_level(model, cal: dict):
 
 def speed(stacks: dict, images: torch.Tensor, batches=(1, 8, 64), repeats: int = 20) -> list[dict]:
     """Median ms of each conv stack on ``images[:n]`` on one and on two threads (after 3 warm-up calls)."""
-    import statistics
     out, before = [], torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -99,15 +98,9 @@ def speed(stacks: dict, images: torch.Tensor, batches=(1, 8, 64), repeats: int =
             for n in batches:
                 x = images[:n]
                 row = {"threads": threads, "segments": int(len(x))}
-                for name, fn in stacks.items():
-                    times = []
-                    with torch.no_grad():
-                        for k in range(repeats + 3):
-                            t0 = time.perf_counter()
-                            fn(x)
-                            if k >= 3:
-                                times.append(1e3 * (time.perf_counter() - t0))
-                    row[name] = round(statistics.median(times), 3)
+                with torch.no_grad():
+                    for name, fn in stacks.items():
+                        row[name] = round(median_ms(lambda: fn(x), repeats), 3)
                 out.append(row)
     finally:
         torch.set_num_threads(before)

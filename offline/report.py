@@ -174,7 +174,7 @@ def render_markdown(results: dict) -> str:
                      f"{100 * s['int8_uar_mean']:.2f} (largest change on one fold: "
                      f"{100 * s['int8_max_abs_diff']:.2f} points) | – |")
     if s.get("int8_conv_uar_mean") is not None:
-        lines.append(f"| UAR with int8 convolutions as well (activation ranges from each fold's training speakers"
+        lines.append("| UAR with int8 convolutions as well (activation ranges from each fold's training speakers"
                      + (f"; {s['int8_conv_inference']}" if s.get("int8_conv_inference") else "")
                      + f"), mean over fold-runs (%) | {100 * s['int8_conv_uar_mean']:.2f} (largest change on one fold: "
                      f"{100 * s['int8_conv_max_abs_diff']:.2f} points) | – |")

@@ -746,9 +746,14 @@ CPU_NOTES = [
     "change (its calls are bound by the FFT and memory traffic); the GPU one needs a lent GPU "
     "(`scripts/gpu-bench.sh` tries 16, 128 and 535 files a call).",
     "- 2026-11-27, evening, on another machine: an Intel Xeon (2 cores, AVX-512 VNNI and AMX; the sections "
-    "`cpu-2threads-intel-xeon-*` above, the bundled model only) instead of the AMD EPYC of the other CPU "
-    "sections. Its small operations are slower (one stream's front-end p50 6.6 against 3.3 ms), so a hop is "
-    "too: p99 9-11 ms against 4.3; capacity 384 streams (448 missed twice), where the AMD carried 768. On it "
+    "`cpu-2threads-intel-xeon-*` above; `python -m bench.run --precision int8 --ladder 1 32 64 96 128 160 192 "
+    "224 256 320 384 448`, 3.5 min, then the bundled model) instead of the AMD EPYC of the other CPU sections. "
+    "It is a slower host all round, not another code path: librosa 720 audio-s/s against 1782, stage-1 "
+    "training 30-124 segments/s against 64-195, one stream's front-end p50 6.3-7.4 ms against 2.7-3.3. So "
+    "on it 227 px misses the one-stream target (p99 17.3 ms; 6.6 on the AMD) and 112 px meets it (10.7); "
+    "capacity 96 streams at 227 px and 256 at 112 px (both targets met; the AMD 224 and 576); the bundled "
+    "model p99 9-11 ms, 320-384 streams (the AMD 768); front-end 2.1x librosa file by file, 3.9x as a corpus. "
+    "On it "
     "AMX does not change which path is fastest (the bundled model's embedding and projection, one 64 px "
     "segment on one thread, medians of 30 timed by a one-off script: fp32 17.6 ms, int8 2.2, bf16 15.2, bf16 "
     "with the pool folded 10.0; FC6/FC7's weight traffic dominates, and int8 moves a quarter of it).",

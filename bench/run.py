@@ -768,7 +768,7 @@ CPU_NOTES = [
     "per call), hence floor and a remainder that is never negative. Cost, conv stack at 64 px on one thread: "
     "1 segment 3.4 ms (int8 2.2, float32 3.5), 64 segments 19.3 ms (int8 6.7, float32 64.0). The bundled "
     "model live, three alternating pairs on the Xeon: one stream p99 10.7-14.0 ms against int8's 9.2-11.1; "
-    "256-320 streams (320 and 384 missed) against 384 (448 missed). On held-out speakers "
+    "256-320 streams (320 and 384 missed) against 320-384 (384 once, 448 twice missed; four runs). On held-out speakers "
     "(`docs/results/emodb-cpu-int8x2`, 10 folds on the Xeon) it changes 2 folds by one answer each (-2.04, "
     "+2.38; mean +0.03 points), single-level int8 3 folds (+1.43 to +3.57; mean +0.66), and int8 FC6/FC7 "
     "without int8 convolutions one (-1.30): no int8 path keeps every fold within 0.5 points on these models. "

@@ -171,12 +171,13 @@ def _equalised(model, calibration: torch.Tensor, alpha: float):
 def _weights_only(features: nn.Sequential):
     """float32 convolutions with int8 weights (per output channel, symmetric, as the engine's observer):
     what the weights' quantisation alone costs."""
+    from stream_ser.model import _quantize_rows
     f = copy.deepcopy(features).eval()
     with torch.no_grad():
         for m in f:
             if isinstance(m, nn.Conv2d):
-                scale = m.weight.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
-                m.weight.copy_((m.weight / scale).round().clamp(-128, 127) * scale)
+                q, scale = _quantize_rows(m.weight.reshape(len(m.weight), -1))
+                m.weight.copy_((q.float() * scale[:, None]).view_as(m.weight))
     return f
 
 

@@ -595,7 +595,7 @@ def quantize_convolutions(model: EmotionModel, levels: int = 1) -> bool:
     if levels == 2:
         if not two_level_convolutions_available():
             return False
-        dict(_named_fixed(_QuantizedConvStack(emb.features), cal["points"]))  # (ValueError: another network)
+        _named_fixed(emb.features, cal["points"])  # (ValueError: another network's ranges)
         emb.features = _TwoLevelConvStack(emb.features, cal["points"])
         return True
     stack = _QuantizedConvStack(emb.features).eval()
@@ -604,7 +604,7 @@ def quantize_convolutions(model: EmotionModel, levels: int = 1) -> bool:
     stack.dequant.qconfig = default  # (observes nothing; without a qconfig it would not become a dequantise)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        points = dict(_named_fixed(stack, cal["points"]))
+        points = dict(_named_fixed(stack.features, cal["points"]))
         for name, (scale, zp, qmin, qmax) in points.items():  # (the kernels clamp at 255, not at qmax)
             stack.get_submodule(name).qconfig = QConfig(
                 activation=FixedQParamsObserver.with_args(scale=scale, zero_point=zp, dtype=torch.quint8,
@@ -637,8 +637,8 @@ class _TwoLevelConvStack(nn.Module):
             if isinstance(m, nn.Conv2d):
                 s1, z1 = float(before[0]), int(before[1])
                 w = m.weight.detach().float().cpu()
-                w_scale = w.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127  # per output channel, symmetric
-                w_q = (w / w_scale.view(-1, 1, 1, 1)).round().clamp(-128, 127).to(torch.int8)
+                w_q, w_scale = _quantize_rows(w.reshape(len(w), -1))  # per output channel, symmetric
+                w_q = w_q.view_as(w)
                 geometry = (list(m.stride), list(m.padding), list(m.dilation), m.groups)
                 packed = [torch.ops.onednn.qconv_prepack(w_q, w_scale, s, z, *geometry, None)
                           for s, z in ((s1, z1), (s1 / 255, 0))]
@@ -678,9 +678,10 @@ def two_level_convolutions_available() -> bool:
             and hasattr(torch.ops.onednn, "qconv_prepack"))
 
 
-def _named_fixed(stack: nn.Module, points: dict) -> list[tuple[str, list]]:
-    """The stored points, checked against the stack's quantisable modules (a mismatch: another network)."""
-    names = ["quant"] + [f"features.{n}" for n, m in stack.features.named_children()
+def _named_fixed(features: nn.Sequential, points: dict) -> list[tuple[str, list]]:
+    """The stored points, checked against the conv stack's quantisable modules, fused or not (a mismatch:
+    another network)."""
+    names = ["quant"] + [f"features.{n}" for n, m in features.named_children()
                          if not isinstance(m, (nn.ReLU, nn.MaxPool2d, nn.Identity))]
     if sorted(names) != sorted(points):
         raise ValueError(f"meta['{CONV_INT8_KEY}'] does not fit this network: {sorted(points)} vs {sorted(names)}")

@@ -75,10 +75,16 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
     K = len(labels)
     fold_uar, pooled = _fold_uar_and_pooled(fold_runs, K)
     compact = [r["compact_uar"] for r in fold_runs if r.get("compact_uar") is not None]
-    int8 = [(r["int8_uar"], r["uar"]) for r in fold_runs if r.get("int8_uar") is not None]
-    conv8 = [(r["int8_conv_uar"], r["uar"]) for r in fold_runs if r.get("int8_conv_uar") is not None]
-    conv8x2 = [(r["int8_conv2_uar"], r["uar"]) for r in fold_runs if r.get("int8_conv2_uar") is not None]
-    every = lambda xs: len(xs) == len(fold_runs) and bool(xs)  # noqa: E731  (a mean only over every fold-run)
+    conv8 = [r for r in fold_runs if r.get("int8_conv_uar") is not None]
+
+    def against_fp32(key: str, name: str) -> dict:
+        """{name}_uar_mean and {name}_max_abs_diff of the fold-runs' ``key`` UAR against their fp32 UAR: a
+        mean only over every fold-run (None where some fold-runs lack it)."""
+        pairs = [(r[key], r["uar"]) for r in fold_runs if r.get(key) is not None]
+        every = len(pairs) == len(fold_runs) and bool(pairs)
+        return {f"{name}_uar_mean": float(np.mean([a for a, _ in pairs])) if every else None,
+                f"{name}_max_abs_diff": float(max(abs(a - b) for a, b in pairs)) if every else None}
+
     m, s = mean_std(fold_uar.values())
     ens = ensemble_fold_uar(fold_runs, K)
     em, es = mean_std(ens.values()) if ens else (None, None)
@@ -92,15 +98,12 @@ def summarize(fold_runs: list[dict], labels: Sequence[str]) -> dict:
         # the int8 compact copy of each fold's model, on the same test speaker (mean over fold-runs)
         "compact_uar_mean": float(np.mean(compact)) if len(compact) == len(fold_runs) and compact else None,
         # ... run with int8 FC6/FC7 inference, as `stream-ser live` runs it on a CPU
-        "int8_uar_mean": float(np.mean([a for a, _ in int8])) if every(int8) else None,
-        "int8_max_abs_diff": float(max(abs(a - b) for a, b in int8)) if every(int8) else None,
+        **against_fp32("int8_uar", "int8"),
         # ... and with int8 convolutions as well, calibrated on the fold's training speakers (since 2026-11-26)
-        "int8_conv_uar_mean": float(np.mean([a for a, _ in conv8])) if every(conv8) else None,
-        "int8_conv_max_abs_diff": float(max(abs(a - b) for a, b in conv8)) if every(conv8) else None,
+        **against_fp32("int8_conv_uar", "int8_conv"),
         "int8_conv_fold_runs": len(conv8),
         # ... with their activations as two int8 levels (precision "int8x2", since 2026-11-27)
-        "int8_conv2_uar_mean": float(np.mean([a for a, _ in conv8x2])) if every(conv8x2) else None,
-        "int8_conv2_max_abs_diff": float(max(abs(a - b) for a, b in conv8x2)) if every(conv8x2) else None,
+        **against_fp32("int8_conv2_uar", "int8_conv2"),
         # what those two columns ran, where the fold-runs say (since 2026-11-27) and all say the same
         "int8_inference": _one_value(fold_runs, "int8_inference"),
         "int8_conv_inference": _one_value(fold_runs, "int8_conv_inference"),
